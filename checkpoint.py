@@ -1,0 +1,94 @@
+"""Checkpoint files: plain dicts of tensors and numbers, written atomically, read safely.
+
+A checkpoint holds
+    kind              "dit" (model A) or "dit_cfg" (model B)
+    model_config      the model's keyword arguments, so inference never repeats them
+    scheduler_config  the NoiseScheduler's keyword arguments
+    model, ema        state dicts (no "module." / "_orig_mod." prefixes)
+    optimizer         the optimizer's state dict
+    epoch, step       epochs completed and optimizer steps taken
+    batch_in_epoch    batches of the current epoch already trained on (mid-epoch stops)
+    ema_updates       how many updates the EMA has seen
+    rng               torch's CPU (and CUDA) random state, to resume the same random stream
+    args              the training arguments, as a dict
+It is read with torch.load(weights_only=True), which cannot run code from the file.
+"""
+import os
+
+import torch
+
+from dit import DiT
+from dit_cfg import ConditionalDiT
+from scheduler import NoiseScheduler
+
+MODEL_CLASSES = {DiT.kind: DiT, ConditionalDiT.kind: ConditionalDiT}
+MODEL_NAMES = {DiT.kind: "model A (unconditional DiT, train.py/infer.py)",
+               ConditionalDiT.kind: "model B (conditional DiT, train_cfg.py/infer_cfg.py)"}
+REQUIRED_KEYS = ("kind", "model_config", "scheduler_config", "model", "ema")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message says why in one line."""
+
+
+def clean_state_dict(state_dict):
+    """Strip the prefixes that DistributedDataParallel and torch.compile add to names."""
+    cleaned = {}
+    for name, tensor in state_dict.items():
+        for prefix in ("module.", "_orig_mod."):
+            while name.startswith(prefix):
+                name = name[len(prefix):]
+        cleaned[name] = tensor
+    return cleaned
+
+
+def save_checkpoint(state, path):
+    """Write to a temporary file, then rename: an interrupted save never corrupts `path`."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp_path = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(state, tmp_path)
+        os.replace(tmp_path, path)  # atomic on POSIX and Windows
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+
+
+def load_checkpoint(path, expected_kind=None, map_location="cpu"):
+    """Read and validate a checkpoint; CheckpointError with a one-line reason otherwise."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated?): "
+                              f"{reason[:200]}") from None
+    if not isinstance(ckpt, dict) or any(key not in ckpt for key in REQUIRED_KEYS):
+        raise CheckpointError(f"{path} is not a SimplestDiffusion checkpoint "
+                              f"(expected a dict with keys {', '.join(REQUIRED_KEYS)})")
+    if ckpt["kind"] not in MODEL_CLASSES:
+        raise CheckpointError(f"{path} holds an unknown model kind {ckpt['kind']!r}")
+    if expected_kind is not None and ckpt["kind"] != expected_kind:
+        raise CheckpointError(f"{path} holds {MODEL_NAMES[ckpt['kind']]}, but this script needs "
+                              f"{MODEL_NAMES[expected_kind]}")
+    return ckpt
+
+
+def build_model(ckpt, use_ema=True, device="cpu"):
+    """(model in eval mode, NoiseScheduler) rebuilt from a loaded checkpoint."""
+    model = MODEL_CLASSES[ckpt["kind"]](**ckpt["model_config"])
+    try:
+        model.load_state_dict(clean_state_dict(ckpt["ema" if use_ema else "model"]))
+    except RuntimeError as err:
+        raise CheckpointError(f"checkpoint weights do not match its model config: "
+                              f"{str(err).splitlines()[0]}") from None
+    scheduler = NoiseScheduler(**ckpt["scheduler_config"], device=device)
+    return model.to(device).eval(), scheduler
+
+
+def load_model(path, device="cpu", use_ema=True, expected_kind=None):
+    """Checkpoint path -> (model, scheduler, checkpoint dict)."""
+    ckpt = load_checkpoint(path, expected_kind)
+    model, scheduler = build_model(ckpt, use_ema, device)
+    return model, scheduler, ckpt

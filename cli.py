@@ -1,0 +1,133 @@
+"""Command-line plumbing shared by every script: recipe files, option types, devices, errors."""
+import argparse
+import sys
+
+import torch
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with recipe files: `python train.py @configs/x.args --lr 1e-3`.
+
+    A recipe line holds one option and its value ("--lr 1e-3"); "#" starts a comment.
+    Later flags on the command line override the recipe's."""
+
+    def __init__(self, **kwargs):
+        super().__init__(fromfile_prefix_chars="@", **kwargs)
+
+    def convert_arg_line_to_args(self, arg_line):
+        return arg_line.split("#", 1)[0].split()
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def nonnegative_float(text):
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def probability(text):
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def add_device_arg(parser):
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda, cuda:1, mps (default: cuda if available, else mps, else cpu)")
+
+
+class DeviceError(ValueError):
+    pass
+
+
+def resolve_device(name=None):
+    """--device -> torch.device; default cuda, then mps, then cpu."""
+    if name is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DeviceError(f"unknown device {name!r} (use cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise DeviceError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"--device {name}: MPS is not available on this machine")
+    return device
+
+
+def autocast_dtype(precision, device):
+    """bf16 autocast by default on cpu and cuda (fp32 master weights), none on mps."""
+    if precision is None:
+        precision = "fp32" if device.type == "mps" else "bf16"
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+def add_precision_arg(parser):
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default=None,
+                        help="bf16 autocast (weights stay fp32) or plain fp32 "
+                             "(default: bf16 on cpu and cuda, fp32 on mps)")
+
+
+class UsageError(ValueError):
+    """Options that do not fit together (found after parsing, e.g. once a checkpoint is read)."""
+
+
+def add_sampling_args(parser):
+    """The options of infer.py and infer_cfg.py."""
+    from sampling import SAMPLERS, DEFAULT_SAMPLER
+    parser.add_argument("--ckpt", required=True, help="checkpoint written by the training script")
+    parser.add_argument("--output", required=True,
+                        help="image file (format from its extension; a grid when there are "
+                             "several samples), or a directory (existing, or ending in /) that "
+                             "receives one PNG per sample")
+    parser.add_argument("--num_samples", type=positive_int, default=1)
+    parser.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER,
+                        help=f"default: {DEFAULT_SAMPLER}")
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help="denoising steps (default: all T for ddpm, 50 for ddim, "
+                             "20 for dpm++2m)")
+    parser.add_argument("--eta", type=nonnegative_float, default=0.0,
+                        help="DDIM noise: 0 deterministic, 1 ancestral (ddim only)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch_size", type=positive_int, default=256,
+                        help="samples denoised at once (memory bound)")
+    parser.add_argument("--no_ema", action="store_true", help="use the raw weights, not the EMA")
+    add_precision_arg(parser)
+    add_device_arg(parser)
+
+
+def sampling_kwargs(args, scheduler, device):
+    """Checked keyword arguments for sampling.generate_images from add_sampling_args' options."""
+    if args.steps is not None and args.steps > scheduler.num_timesteps:
+        raise UsageError(f"--steps {args.steps} is more than the {scheduler.num_timesteps} "
+                         "timesteps this model was trained with")
+    return dict(sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed,
+                batch_size=args.batch_size, amp_dtype=autocast_dtype(args.precision, device),
+                progress=True)
+
+
+def run_main(main):
+    """Run a script's main(); expected failures (bad input, missing data, bad checkpoint)
+    end with a one-line `error: ...` instead of a traceback."""
+    from checkpoint import CheckpointError
+    from data import DataError
+    from dit import ModelConfigError
+    from images import OutputError
+    try:
+        main()
+    except (CheckpointError, DataError, DeviceError, OutputError, UsageError, ModelConfigError) as err:
+        sys.exit(f"error: {err}")

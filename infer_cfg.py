@@ -1,0 +1,65 @@
+"""Draw digits of a chosen label with model B (conditional DiT) and classifier-free guidance.
+
+    python infer_cfg.py --ckpt checkpoints/dit_cfg/ckpt_final.pt --output four.jpg --label 4
+    python infer_cfg.py --ckpt checkpoints/dit_cfg/ckpt_final.pt --output digits.png --label all --num_samples 8
+    python infer_cfg.py --ckpt checkpoints/dit_cfg/ckpt_final.pt --output fours/ --label 4 --num_samples 100
+"""
+import argparse
+import math
+
+import torch
+
+from checkpoint import load_model
+from cli import ArgumentParser, add_sampling_args, resolve_device, run_main, sampling_kwargs
+from dit_cfg import ConditionalDiT
+from images import check_output, save_samples
+from sampling import DEFAULT_GUIDANCE_SCALE, generate_images
+
+DIGITS = range(10)
+
+
+def label_arg(text):
+    if text == "all":
+        return text
+    try:
+        label = int(text)
+    except ValueError:
+        label = None
+    if label not in DIGITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a digit label: use 0-9, or all "
+                                         "for one row per digit")
+    return label
+
+
+def build_parser():
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--label", type=label_arg, required=True,
+                        help="the digit to draw, 0-9, or all (one row per digit; --num_samples "
+                             "then counts samples per digit)")
+    parser.add_argument("--guidance_scale", type=float, default=DEFAULT_GUIDANCE_SCALE,
+                        help="pred = uncond + s * (cond - uncond): 1 is plain conditional "
+                             f"sampling, 0 unconditional (default: {DEFAULT_GUIDANCE_SCALE})")
+    add_sampling_args(parser)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    check_output(args.output)
+    device = resolve_device(args.device)
+    model, scheduler, _ = load_model(args.ckpt, device, use_ema=not args.no_ema,
+                                     expected_kind=ConditionalDiT.kind)
+    digits = list(DIGITS) if args.label == "all" else [args.label]
+    labels = torch.tensor(digits).repeat_interleave(args.num_samples)  # (len(digits) * N,)
+    images = generate_images(model, scheduler, len(labels), labels=labels,
+                             guidance_scale=args.guidance_scale, device=device,
+                             **sampling_kwargs(args, scheduler, device))
+    width = max(3, len(str(args.num_samples - 1)))
+    names = [f"{digit}_{i:0{width}d}" for digit in digits for i in range(args.num_samples)]
+    nrow = args.num_samples if args.label == "all" else math.ceil(math.sqrt(args.num_samples))
+    save_samples(images, args.output, names, nrow=nrow)
+    print(f"wrote {len(labels)} sample(s) to {args.output}")
+
+
+if __name__ == "__main__":
+    run_main(main)

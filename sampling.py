@@ -1,0 +1,126 @@
+"""The one sampling loop every script uses: ancestral DDPM, DDIM and DPM-Solver++(2M).
+
+The update formulas live in scheduler.py; this file only picks the timesteps,
+calls the model once per step and feeds its noise prediction to the matching
+scheduler step.
+"""
+
+import numbers
+
+import torch
+from tqdm import tqdm
+
+SAMPLERS = ("ddpm", "ddim", "dpm++2m")
+# Steps used when `steps` is None. None for "ddpm" means all T training steps.
+DEFAULT_STEPS = {"ddpm": None, "ddim": 50, "dpm++2m": 20}
+
+
+def timestep_schedule(num_train_timesteps, steps):
+    """`steps` evenly spaced timesteps, descending from T-1 to 0, without duplicates.
+
+    t_i = round((T - 1) * (steps - 1 - i) / (steps - 1)), i = 0 .. steps-1, rounding
+    halves up in exact integer arithmetic. steps == T gives T-1, ..., 0; steps == 1
+    gives [T-1] (a single jump from pure noise to the clean image).
+    """
+    T = num_train_timesteps
+    if not isinstance(steps, numbers.Integral) or not 1 <= steps <= T:
+        raise ValueError(f"steps must be an integer in [1, {T}] (the number of training timesteps), got {steps!r}")
+    if steps == 1:
+        return [T - 1]
+    n = steps - 1
+    return [((T - 1) * (n - i) * 2 + n) // (2 * n) for i in range(steps)]
+
+
+@torch.inference_mode()
+def sample(
+    model_fn,
+    scheduler,
+    shape,
+    *,
+    sampler="ddpm",
+    steps=None,
+    eta=0.0,
+    clip_x0=True,
+    generator=None,
+    device="cpu",
+    progress=False,
+    trajectory_at=None,
+):
+    """Generate samples of `shape` (B, C, H, W) by reverse diffusion from x_T ~ N(0, I).
+
+    Args:
+        model_fn: (x_t, t) -> predicted noise, x_t (B, C, H, W) float32 and t (B,) int64,
+            both on `device`. Its output is cast to float32 (it may run under autocast).
+        scheduler: the NoiseScheduler the model was trained with (tensors on `device`).
+        sampler: one of SAMPLERS.
+            "ddpm": ancestral sampling (Ho et al. 2020). With steps None or T it is
+                the full chain t = T-1 .. 0 with sigma_t^2 = beta_t. With fewer steps it
+                is the respaced ancestral sampler: DDIM with eta = 1 on
+                timestep_schedule(T, steps), i.e. ancestral sampling of the shortened
+                chain with its posterior variance.
+            "ddim": DDIM (Song et al. 2021) on timestep_schedule(T, steps), the last
+                step jumping to the clean image; `eta` scales its noise (0 = deterministic).
+            "dpm++2m": DPM-Solver++(2M) (Lu et al. 2022) on timestep_schedule(T, steps):
+                second order, except first order on the first step and on the step
+                into t = 0; the last step returns the x0 prediction at t = 0.
+        steps: number of model calls; None -> DEFAULT_STEPS[sampler] (capped at T).
+        eta: DDIM noise scale, >= 0; only the "ddim" sampler takes a non-zero eta.
+        clip_x0: clamp each step's x0 prediction to the data range [-1, 1].
+        generator: torch.Generator on `device`; every random draw (x_T and the
+            per-step noise) comes from it, so a seeded generator reproduces samples.
+        progress: show a tqdm bar over the steps.
+        trajectory_at: optional iterable of timesteps; the loop steps whose t is in
+            it are recorded as (t, x_t, x0_hat). Timesteps the loop does not visit
+            are skipped.
+
+    Returns:
+        x0 (B, C, H, W) float32, not clamped; or (x0, trajectory) when trajectory_at
+        is given, trajectory being the list of (t, x_t, x0_hat) in sampling order.
+    """
+    T = scheduler.num_timesteps
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+    if eta < 0 or (eta != 0 and sampler != "ddim"):
+        raise ValueError(f"eta must be >= 0 and is only used by the 'ddim' sampler, got eta={eta} with {sampler!r}")
+    if steps is None:
+        steps = T if DEFAULT_STEPS[sampler] is None else min(DEFAULT_STEPS[sampler], T)
+    timesteps = timestep_schedule(T, steps)  # validates steps
+    if sampler == "ddpm":
+        rule = "ancestral" if steps == T else "ddim"
+        eta = 0.0 if steps == T else 1.0
+    else:
+        rule = sampler
+    capture = set() if trajectory_at is None else {int(t) for t in trajectory_at}
+
+    batch_size = shape[0]
+    x = torch.randn(shape, generator=generator, device=device)  # x_T
+    trajectory = []
+    last = (None, None)  # DPM-Solver++(2M) history: (x0_hat, t) of the previous model call
+    pairs = zip(timesteps, timesteps[1:] + [-1])  # (t, t_prev); t_prev = -1 is the clean image
+    for t, t_prev in tqdm(pairs, total=len(timesteps), desc=sampler, disable=not progress):
+        t_batch = torch.full((batch_size,), t, dtype=torch.long, device=device)  # (B,)
+        eps = model_fn(x, t_batch).float()  # (B, C, H, W)
+
+        if rule == "dpm++2m" or t in capture:
+            x0_hat = scheduler.predict_x0(x, t, eps)
+            if clip_x0:
+                x0_hat = x0_hat.clamp(-1, 1)
+            if t in capture:
+                trajectory.append((t, x, x0_hat))
+
+        if rule == "ancestral":
+            noise = torch.randn(shape, generator=generator, device=device)  # unused at t = 0
+            x = scheduler.sample_prev_image_distribution(x, t, eps, noise=noise, clip_x0=clip_x0)
+        elif rule == "ddim":
+            noise = torch.randn(shape, generator=generator, device=device) if eta > 0 else None
+            x = scheduler.ddim_step(x, t, t_prev, eps, eta=eta, noise=noise, clip_x0=clip_x0)
+        else:
+            # First order on the first step (no history yet) and on the step into t = 0:
+            # lambda jumps there, and extrapolating x0_hat linearly in lambda across the
+            # jump overshoots (the "lower order final" of DPM-Solver implementations).
+            history = (None, None) if t_prev == 0 else last
+            x = scheduler.dpm_solver_step(x, t, t_prev, x0_hat, *history)
+            last = (x0_hat, t)
+
+    x = x.float()
+    return (x, trajectory) if trajectory_at is not None else x

@@ -1,0 +1,309 @@
+"""DDPM noise schedule and the per-step update rules built on it.
+
+Notation (Ho et al. 2020, "Denoising Diffusion Probabilistic Models"):
+
+    beta_t      noise added at step t, t = 0 .. T-1 (the paper's t = 1 .. T)
+    alpha_t     = 1 - beta_t
+    ab_t        = prod_{s <= t} alpha_s                   ("alpha bar")
+    q(x_t | x0) = N(sqrt(ab_t) x0, (1 - ab_t) I)
+
+Every per-step quantity is computed once in float64 and stored as a float32
+tensor of shape (T,), indexed by t. The update rules (ancestral DDPM, DDIM,
+DPM-Solver++(2M)) live here; the sampling loop that drives them is
+sampling.py.
+"""
+
+import math
+import numbers
+
+import torch
+
+SCHEDULES = ("linear", "cosine")
+
+
+def _cosine_betas(timesteps, s=0.008):
+    """Nichol & Dhariwal 2021, "Improved DDPM", eq. 17.
+
+    ab(t) = f(t) / f(0),  f(t) = cos^2(((t / T) + s) / (1 + s) * pi / 2)
+    beta_t = 1 - ab(t + 1) / ab(t), clipped at 0.999 (the last step would be 1)
+    """
+    steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+    f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2  # (T+1,)
+    return (1 - f[1:] / f[:-1]).clamp(max=0.999)  # (T,)
+
+
+class NoiseScheduler:
+    """Fixed variance schedule of a DDPM and its forward / reverse steps.
+
+    Args:
+        timesteps: number of diffusion steps T.
+        beta_start, beta_end: first and last beta of the "linear" schedule
+            (Ho et al.: 1e-4 and 0.02 for T = 1000). Unused by "cosine", which
+            is fully determined by T.
+        schedule: "linear" (betas evenly spaced from beta_start to beta_end) or
+            "cosine" (Nichol & Dhariwal 2021).
+        device: where the per-step tensors live.
+
+    Timesteps are 0-based: t = 0 is the first noising step and t = T-1 the
+    last. Methods taking `t` accept a python int or a (B,) integer tensor (one
+    timestep per sample); math runs in float32 (float64 for float64 inputs)
+    and results come back in the input's dtype and device.
+    """
+
+    _TENSORS = (
+        "betas", "alphas", "alphas_cumprod", "alphas_cumprod_prev",
+        "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "sqrt_recip_alphas",
+        "posterior_variance", "posterior_mean_coef1", "posterior_mean_coef2", "lambdas",
+    )
+
+    def __init__(self, timesteps=1000, beta_start=1e-4, beta_end=0.02, schedule="linear", device="cpu"):
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
+        if not isinstance(timesteps, numbers.Integral) or timesteps < 1:
+            raise ValueError(f"timesteps must be an integer >= 1, got {timesteps!r}")
+        self.num_timesteps = int(timesteps)
+        self.beta_start = beta_start
+        self.beta_end = beta_end
+        self.schedule = schedule
+
+        if schedule == "linear":
+            betas = torch.linspace(beta_start, beta_end, self.num_timesteps, dtype=torch.float64)
+        else:
+            betas = _cosine_betas(self.num_timesteps)
+        if not ((betas > 0).all() and (betas < 1).all()):
+            raise ValueError(
+                f"betas must lie in (0, 1), got range [{betas.min().item():g}, {betas.max().item():g}] "
+                f"(beta_start={beta_start}, beta_end={beta_end})"
+            )
+
+        # All (T,) float64 here; stored as float32 below.
+        alphas = 1 - betas  # alpha_t = 1 - beta_t
+        alphas_cumprod = torch.cumprod(alphas, dim=0)  # ab_t = prod_{s<=t} alpha_s
+        # ab_{t-1}, with ab_{-1} = 1 (nothing noised before the first step)
+        alphas_cumprod_prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
+        tensors = {
+            "betas": betas,
+            "alphas": alphas,
+            "alphas_cumprod": alphas_cumprod,
+            "alphas_cumprod_prev": alphas_cumprod_prev,
+            # q(x_t | x0) = N(sqrt(ab_t) x0, (1 - ab_t) I)
+            "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
+            "sqrt_one_minus_alphas_cumprod": (1 - alphas_cumprod).sqrt(),
+            # 1 / sqrt(alpha_t), from the reverse mean (Ho et al. eq. 11)
+            "sqrt_recip_alphas": alphas.rsqrt(),
+            # q(x_{t-1} | x_t, x0) = N(coef1_t x0 + coef2_t x_t, beta~_t I)   (Ho et al. eq. 6-7)
+            # beta~_t = beta_t (1 - ab_{t-1}) / (1 - ab_t)
+            "posterior_variance": betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod),
+            # coef1_t = beta_t sqrt(ab_{t-1}) / (1 - ab_t)          (multiplies x0)
+            "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1 - alphas_cumprod),
+            # coef2_t = sqrt(alpha_t) (1 - ab_{t-1}) / (1 - ab_t)   (multiplies x_t)
+            "posterior_mean_coef2": alphas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod),
+            # lambda_t = log(alpha_t / sigma_t) = 1/2 log(ab_t / (1 - ab_t)), the half
+            # log-SNR that DPM-Solver steps in (Lu et al. 2022)
+            "lambdas": 0.5 * (alphas_cumprod.log() - torch.log1p(-alphas_cumprod)),
+        }
+        self.device = torch.device(device)
+        for name in self._TENSORS:
+            setattr(self, name, tensors[name].to(device=self.device, dtype=torch.float32))
+
+    @property
+    def config(self):
+        """Plain dict that rebuilds this schedule: NoiseScheduler(**config, device=...)."""
+        return {
+            "timesteps": self.num_timesteps,
+            "beta_start": self.beta_start,
+            "beta_end": self.beta_end,
+            "schedule": self.schedule,
+        }
+
+    def to(self, device):
+        """Move every per-step tensor to `device`; returns self."""
+        self.device = torch.device(device)
+        for name in self._TENSORS:
+            setattr(self, name, getattr(self, name).to(self.device))
+        return self
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config.items())
+        return f"NoiseScheduler({args}, device={str(self.device)!r})"
+
+    # ------------------------------------------------------------------ helpers
+
+    def _check_t(self, t):
+        if not isinstance(t, numbers.Integral) or not 0 <= t < self.num_timesteps:
+            raise ValueError(f"t must be an integer in [0, {self.num_timesteps - 1}], got {t!r}")
+
+    def _coef(self, values, t, x):
+        """values[t] shaped to broadcast against x (B, C, H, W), on x's device.
+
+        t: python int -> 0-dim tensor; (B,) integer tensor on any device ->
+        (B, 1, 1, 1). Tensor timesteps are not range-checked, which would need
+        a host-device sync.
+        """
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        if isinstance(t, torch.Tensor):
+            out = values[t.to(values.device)].reshape(-1, *([1] * (x.dim() - 1)))
+        else:
+            self._check_t(t)
+            out = values[int(t)]
+        return out.to(device=x.device, dtype=dtype)
+
+    def _keep_noise(self, t, x):
+        """1 where t > 0 and 0 where t == 0, shaped like _coef: the last step adds no noise."""
+        if isinstance(t, torch.Tensor):
+            keep = (t.to(x.device) != 0).reshape(-1, *([1] * (x.dim() - 1)))
+            return keep.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+        return float(t != 0)
+
+    # ----------------------------------------------------------------- training
+
+    def sample_timesteps(self, batch_size, device=None, generator=None):
+        """(B,) int64 timesteps drawn uniformly from {0, ..., T-1}."""
+        device = self.device if device is None else device
+        return torch.randint(0, self.num_timesteps, (batch_size,), device=device, generator=generator)
+
+    def noise_image(self, x0, t, noise=None):
+        """Sample the forward process q(x_t | x0) in closed form (Ho et al. eq. 4).
+
+        x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) noise,   noise ~ N(0, I)
+
+        Returns (x_t, noise), both with x0's shape and dtype; `noise` is the
+        tensor that was used (drawn with randn_like(x0) when not given).
+        """
+        if noise is None:
+            noise = torch.randn_like(x0)
+        a = self._coef(self.sqrt_alphas_cumprod, t, x0)
+        s = self._coef(self.sqrt_one_minus_alphas_cumprod, t, x0)
+        x_t = a * x0.to(a.dtype) + s * noise.to(a.dtype)
+        return x_t.to(x0.dtype), noise
+
+    # ----------------------------------------------------------------- sampling
+
+    def predict_x0(self, x_t, t, pred_noise):
+        """Invert the forward process: x0_hat = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t)."""
+        a = self._coef(self.sqrt_alphas_cumprod, t, x_t)
+        s = self._coef(self.sqrt_one_minus_alphas_cumprod, t, x_t)
+        x0_hat = (x_t.to(a.dtype) - s * pred_noise.to(a.dtype)) / a
+        return x0_hat.to(x_t.dtype)
+
+    def sample_prev_image_distribution(self, x_t, t, pred_noise, noise=None, variance="beta", clip_x0=True):
+        """One ancestral DDPM step: draw x_{t-1} ~ p(x_{t-1} | x_t) = N(mean, sigma_t^2 I).
+
+        clip_x0=False: the paper's mean (Ho et al. eq. 11)
+            mean = 1 / sqrt(alpha_t) * (x_t - beta_t / sqrt(1 - ab_t) * eps)
+        clip_x0=True: the same mean written through the implied clean image,
+            x0_hat = clamp((x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t), -1, 1)
+            mean   = coef1_t x0_hat + coef2_t x_t          (posterior mean of q(x_{t-1} | x_t, x0))
+        The two agree whenever the clamp changes nothing. Clipping is the
+        default because Ho et al.'s sampler clips x0_hat to the data range
+        [-1, 1], which removes the out-of-range drift of early, noisy steps.
+
+        variance: "beta" -> sigma_t^2 = beta_t (default; the paper's choice,
+        optimal for x0 ~ N(0, I)) or "posterior" -> sigma_t^2 = beta~_t
+        (optimal for a single fixed x0).
+
+        x_{t-1} = mean + sigma_t z with z = `noise` (randn_like when None);
+        no noise is added where t == 0 (per sample for a tensor t).
+        """
+        if variance == "beta":
+            var_table = self.betas
+        elif variance == "posterior":
+            var_table = self.posterior_variance
+        else:
+            raise ValueError(f"unknown variance {variance!r}; expected 'beta' or 'posterior'")
+        x = x_t.to(torch.float64 if x_t.dtype == torch.float64 else torch.float32)
+        eps = pred_noise.to(x.dtype)
+        if clip_x0:
+            x0_hat = self.predict_x0(x, t, eps).clamp(-1, 1)
+            mean = self._coef(self.posterior_mean_coef1, t, x) * x0_hat + self._coef(self.posterior_mean_coef2, t, x) * x
+        else:
+            eps_coef = self._coef(self.betas, t, x) / self._coef(self.sqrt_one_minus_alphas_cumprod, t, x)
+            mean = self._coef(self.sqrt_recip_alphas, t, x) * (x - eps_coef * eps)
+        if noise is None:
+            noise = torch.randn_like(x)
+        sigma = self._coef(var_table, t, x).sqrt()
+        x_prev = mean + self._keep_noise(t, x) * sigma * noise.to(x.dtype)
+        return x_prev.to(x_t.dtype)
+
+    def _check_pair(self, t, t_prev):
+        """Validate python-int timesteps of a jump t -> t_prev, where t_prev = -1 is the clean image."""
+        self._check_t(t)
+        if not isinstance(t_prev, numbers.Integral) or not -1 <= t_prev < t:
+            raise ValueError(f"t_prev must be an integer in [-1, t - 1] = [-1, {t - 1}], got {t_prev!r}")
+
+    def ddim_step(self, x_t, t, t_prev, pred_noise, eta=0.0, noise=None, clip_x0=True):
+        """One DDIM step from timestep t to t_prev < t (Song et al. 2021, eq. 12 and 16).
+
+        t, t_prev: python ints; t_prev = -1 means ab_prev = 1, the jump to the
+        clean image. With ab = ab_t and ab' = ab_{t_prev}:
+
+            x0_hat = (x_t - sqrt(1 - ab) eps) / sqrt(ab)   (clamped to [-1, 1] when clip_x0,
+            eps    = (x_t - sqrt(ab) x0_hat) / sqrt(1 - ab) then re-derived to match it)
+            sigma  = eta * sqrt((1 - ab') / (1 - ab)) * sqrt(1 - ab / ab')
+            x_prev = sqrt(ab') x0_hat + sqrt(1 - ab' - sigma^2) eps + sigma z
+
+        eta = 0 is the deterministic DDIM sampler; eta = 1 is ancestral
+        sampling with the posterior variance of the respaced chain.
+        z = `noise` (randn_like when None; unused when eta == 0).
+        """
+        self._check_pair(t, t_prev)
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        x = x_t.to(torch.float64 if x_t.dtype == torch.float64 else torch.float32)
+        eps = pred_noise.to(x.dtype)
+        a = self._coef(self.sqrt_alphas_cumprod, t, x)
+        s = self._coef(self.sqrt_one_minus_alphas_cumprod, t, x)
+        ab = a * a
+        ab_prev = self._coef(self.alphas_cumprod_prev, t_prev + 1, x)  # ab_{t_prev}; 1 at t_prev = -1
+
+        x0_hat = (x - s * eps) / a
+        if clip_x0:
+            x0_hat = x0_hat.clamp(-1, 1)
+            eps = (x - a * x0_hat) / s
+        sigma = eta * ((1 - ab_prev) / (1 - ab)).sqrt() * (1 - ab / ab_prev).sqrt()
+        dir_coef = (1 - ab_prev - sigma**2).clamp(min=0).sqrt()  # clamp: float error at eta = 1
+        x_prev = ab_prev.sqrt() * x0_hat + dir_coef * eps
+        if eta > 0:
+            if noise is None:
+                noise = torch.randn_like(x)
+            x_prev = x_prev + sigma * noise.to(x.dtype)
+        return x_prev.to(x_t.dtype)
+
+    def dpm_solver_step(self, x_t, t, t_prev, x0_hat, last_x0_hat=None, t_last=None):
+        """One DPM-Solver++(2M) step from timestep t to t_prev < t (Lu et al. 2022, Alg. 2).
+
+        Data-prediction multistep solver of the diffusion ODE, written with
+        alpha_s = sqrt(ab_s), sigma_s = sqrt(1 - ab_s), lambda_s = log(alpha_s / sigma_s)
+        and h = lambda_{t_prev} - lambda_t:
+
+            first order (last_x0_hat is None; this is DDIM with eta = 0):
+                x_prev = (sigma_prev / sigma_t) x_t - alpha_prev (exp(-h) - 1) x0_hat
+            second order, reusing the model's x0 prediction at the previous
+            evaluated timestep t_last > t, with r = h_last / h and
+            h_last = lambda_t - lambda_{t_last}:
+                D      = (1 + 1/(2r)) x0_hat - 1/(2r) last_x0_hat
+                x_prev = (sigma_prev / sigma_t) x_t - alpha_prev (exp(-h) - 1) D
+
+        t_prev = -1 (sigma = 0, lambda = inf) returns x0_hat: the final jump to
+        the clean image. t, t_prev, t_last are python ints.
+        """
+        self._check_pair(t, t_prev)
+        if (last_x0_hat is None) != (t_last is None):
+            raise ValueError("last_x0_hat and t_last must be given together")
+        if t_prev == -1:
+            return x0_hat
+        x = x_t.to(torch.float64 if x_t.dtype == torch.float64 else torch.float32)
+        d = x0_hat.to(x.dtype)
+        lam_t = self._coef(self.lambdas, t, x)
+        h = self._coef(self.lambdas, t_prev, x) - lam_t
+        if last_x0_hat is not None:
+            if not t < t_last < self.num_timesteps:
+                raise ValueError(f"t_last must be in [{t + 1}, {self.num_timesteps - 1}], got {t_last}")
+            r = (lam_t - self._coef(self.lambdas, t_last, x)) / h
+            d = (1 + 1 / (2 * r)) * d - 1 / (2 * r) * last_x0_hat.to(x.dtype)
+        sigma_ratio = self._coef(self.sqrt_one_minus_alphas_cumprod, t_prev, x) / self._coef(
+            self.sqrt_one_minus_alphas_cumprod, t, x
+        )
+        alpha_prev = self._coef(self.sqrt_alphas_cumprod, t_prev, x)
+        x_prev = sigma_ratio * x - alpha_prev * torch.expm1(-h) * d
+        return x_prev.to(x_t.dtype)

@@ -1,0 +1,49 @@
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def write_idx(path, array, magic):
+    with open(path, "wb") as f:
+        f.write(struct.pack(">II", magic, array.shape[0]))
+        if array.ndim == 3:
+            f.write(struct.pack(">II", *array.shape[1:]))
+        f.write(array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="session")
+def tiny_mnist(tmp_path_factory):
+    """A data_dir in torchvision's MNIST layout with 96 train / 32 test synthetic digits:
+    a bright bar whose position encodes the label, so a model can learn something."""
+    root = tmp_path_factory.mktemp("mnist")
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 96), ("t10k", 32)):
+        labels = np.arange(n) % 10
+        images = rng.integers(0, 30, size=(n, 28, 28))
+        for i, label in enumerate(labels):
+            images[i, 4 + 2 * label: 6 + 2 * label, 4:24] = 255
+        write_idx(raw / f"{split}-images-idx3-ubyte", images, 2051)
+        write_idx(raw / f"{split}-labels-idx1-ubyte", labels, 2049)
+    return str(root)
+
+
+def run_script(*args, check=True, env=None):
+    """Run a repo script with the current python; returns the CompletedProcess."""
+    full_env = dict(os.environ, **(env or {}))
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                            env=full_env, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+TINY_MODEL = ["--dim", "32", "--depth", "2", "--heads", "2"]

@@ -1,0 +1,100 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dit import (DiT, ModelConfigError, TimestepEmbedder, attention, patchify,
+                 sincos_pos_embed_2d, timestep_sinusoid, unpatchify)
+
+
+@pytest.mark.parametrize("img_size,patch_size,channels", [(8, 2, 1), (16, 4, 1), (12, 3, 3), (8, 8, 2)])
+def test_output_shape(img_size, patch_size, channels):
+    model = DiT(img_size=img_size, channels=channels, patch_size=patch_size, dim=32, depth=2, heads=4)
+    x = torch.randn(3, channels, img_size, img_size)
+    assert model(x, torch.tensor([0, 5, 999])).shape == x.shape
+
+
+def test_zero_output_at_initialisation():
+    model = DiT(img_size=8, patch_size=2, dim=32, depth=2, heads=4)
+    out = model(torch.randn(4, 1, 8, 8), torch.randint(0, 1000, (4,)))
+    assert torch.count_nonzero(out) == 0
+
+
+def test_gradients_reach_every_parameter_after_one_step():
+    torch.manual_seed(0)
+    model = DiT(img_size=8, patch_size=2, dim=32, depth=2, heads=4)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x, t, target = torch.randn(4, 1, 8, 8), torch.randint(0, 1000, (4,)), torch.randn(4, 1, 8, 8)
+    # zero-initialised layers pass no gradient upstream until they have been updated once:
+    # step 1 moves the output layer, step 2 the adaLN modulations, step 3 reaches t_embedder
+    for _ in range(3):
+        optimizer.zero_grad()
+        F.mse_loss(model(x, t), target).backward()
+        optimizer.step()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_patchify_matches_unfold_and_round_trips():
+    x = torch.randn(2, 3, 12, 8)
+    tokens = patchify(x, 4)  # (2, 6, 48)
+    # independent reference: F.unfold gives (B, C*p*p, N) with channel-major patch vectors
+    ref = F.unfold(x, kernel_size=4, stride=4).transpose(1, 2).reshape(2, 6, 3, 16)
+    assert torch.equal(tokens.reshape(2, 6, 16, 3).permute(0, 1, 3, 2), ref)
+    assert torch.equal(unpatchify(tokens, 4, 3, 12, 8), x)
+
+
+def test_sincos_pos_embed_closed_form():
+    emb = sincos_pos_embed_2d(8, 3)  # dim/4 = 2 frequencies: 1 and 1/100
+    assert emb.shape == (9, 8)
+    row, col = 2, 1  # token index 2*3 + 1 = 7
+    expected = [math.sin(row), math.sin(row / 100), math.cos(row), math.cos(row / 100),
+                math.sin(col), math.sin(col / 100), math.cos(col), math.cos(col / 100)]
+    assert torch.allclose(emb[7], torch.tensor(expected), atol=1e-6)
+
+
+def test_timestep_embedding_is_float32_under_bf16_autocast():
+    embedder = TimestepEmbedder(32)
+    t = torch.tensor([998, 999])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = embedder(t)
+        linear_out = torch.nn.Linear(4, 4)(torch.randn(2, 4))
+    assert linear_out.dtype == torch.bfloat16  # autocast is really on
+    assert out.dtype == torch.float32
+    assert not torch.equal(out[0], out[1])  # neighbouring steps stay distinct
+    # the sinusoid itself: cos(t * 10000^(-k/half)) then sin(...)
+    sinusoid = timestep_sinusoid(torch.tensor([7]), 4)
+    assert torch.allclose(sinusoid, torch.tensor([[math.cos(7), math.cos(7 / 100),
+                                                   math.sin(7), math.sin(7 / 100)]]), atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n1,n2", [(16, 16), (64, 3), (300, 300)])
+def test_attention_matches_reference(dtype, n1, n2):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, n1, 8), torch.randn(2, 4, n2, 8), torch.randn(2, 4, n2, 8)
+    ref = torch.softmax(q.double() @ k.double().transpose(-1, -2) / math.sqrt(8), -1) @ v.double()
+    out = attention(q.to(dtype), k.to(dtype), v.to(dtype))
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert torch.allclose(out.double(), ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(img_size=30, patch_size=4), "divisible by patch_size"),
+    (dict(dim=30, heads=4), "divisible by heads"),
+    (dict(dim=6, heads=2), "divisible by 4"),
+    (dict(depth=0), "depth"),
+    (dict(patch_size=0), "patch_size"),
+])
+def test_impossible_shapes_raise_clear_errors(kwargs, message):
+    with pytest.raises(ModelConfigError, match=message):
+        DiT(**{**dict(img_size=8, patch_size=2, dim=32, depth=1, heads=4), **kwargs})
+
+
+def test_wrong_input_shape_raises():
+    model = DiT(img_size=8, patch_size=2, dim=32, depth=1, heads=4)
+    with pytest.raises(ValueError, match=r"\(B, 1, 8, 8\)"):
+        model(torch.randn(2, 1, 16, 16), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="t of shape"):
+        model(torch.randn(2, 1, 8, 8), torch.zeros(3, dtype=torch.long))

@@ -1,0 +1,47 @@
+"""Train model B with DistributedDataParallel on several GPUs or machines. Start it with torchrun:
+
+    torchrun --nproc_per_node=8 train_cfg_ddp.py --batch_size 64
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train_cfg_ddp.py
+
+Every rank runs train_cfg.py's main() (same options, same checkpoints); this file only
+joins the process group: NCCL with one GPU per process (cuda:LOCAL_RANK), or gloo on
+the CPU (also with --device cpu). --batch_size is per process: the global batch is
+batch_size * WORLD_SIZE.
+"""
+import os
+import sys
+
+import torch
+import torch.distributed as torch_dist
+
+import train_cfg
+from cli import run_main
+from training import Dist
+
+TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def main(argv=None):
+    args = train_cfg.build_parser().parse_args(argv)  # fail on bad options before joining
+    if any(name not in os.environ for name in TORCHRUN_ENV):
+        sys.exit("error: train_cfg_ddp.py is started by torchrun, e.g. "
+                 "`torchrun --nproc_per_node=2 train_cfg_ddp.py [options]` "
+                 "(python train_cfg.py trains on one device)")
+    dist = Dist(rank=int(os.environ["RANK"]), local_rank=int(os.environ["LOCAL_RANK"]),
+                world_size=int(os.environ["WORLD_SIZE"]))
+    use_cuda = torch.cuda.is_available() and (args.device is None or args.device.startswith("cuda"))
+    if use_cuda:
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+        torch_dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        torch_dist.init_process_group("gloo")
+    try:
+        train_cfg.main(argv, dist=dist, device=device)
+    finally:
+        torch_dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,355 @@
+"""What train.py, train_cfg.py and train_cfg_ddp.py share: options, the training step, the loop.
+
+The loop runs the same way on one process and under DDP (`Dist` says which rank this
+is); train_cfg_ddp.py only sets up the process group around it.
+"""
+import hashlib
+import itertools
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from cli import (add_device_arg, add_precision_arg, autocast_dtype, nonnegative_float, positive_int, probability,
+                 resolve_device)
+from checkpoint import clean_state_dict, load_checkpoint, save_checkpoint
+from data import load_training_set, make_loader, to_model_range
+from ema import EMA
+from images import save_grid
+from sampling import generate_images
+from scheduler import NoiseScheduler
+
+# ----------------------------------------------------------------------------------------
+# Options
+
+
+def add_training_args(parser, *, img_size, patch_size, save_dir, epochs, batch_size, lr):
+    """The options every training script has; the defaults that differ are arguments."""
+    group = parser.add_argument_group("data")
+    group.add_argument("--data_dir", default="./data", help="folder that holds MNIST/ (default: ./data)")
+    group.add_argument("--subset", type=positive_int, default=None,
+                       help="train on the first N images only (quick trials)")
+    group.add_argument("--num_workers", type=int, default=0,
+                       help="DataLoader worker processes; 0 gathers batches in the main process, "
+                            "which is fastest for MNIST held in memory (default: 0)")
+
+    group = parser.add_argument_group("model")
+    group.add_argument("--img_size", type=positive_int, default=img_size)
+    group.add_argument("--channels", type=positive_int, default=1)
+    group.add_argument("--patch_size", type=positive_int, default=patch_size)
+    group.add_argument("--dim", type=positive_int, default=256)
+    group.add_argument("--depth", type=positive_int, default=6)
+    group.add_argument("--heads", type=positive_int, default=8)
+    group.add_argument("--mlp_ratio", type=float, default=4.0)
+
+    group = parser.add_argument_group("diffusion")
+    group.add_argument("--timesteps", type=positive_int, default=1000)
+    group.add_argument("--schedule", choices=("linear", "cosine"), default="linear")
+
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--epochs", type=positive_int, default=epochs)
+    group.add_argument("--batch_size", type=positive_int, default=batch_size,
+                       help="images per optimizer step and process (under DDP the global batch "
+                            "is batch_size * world_size)")
+    group.add_argument("--lr", type=nonnegative_float, default=lr, help="AdamW peak learning rate")
+    group.add_argument("--warmup_steps", type=int, default=500,
+                       help="linear learning-rate warm-up over this many optimizer steps")
+    group.add_argument("--lr_decay_step", type=positive_int, default=None,
+                       help="multiply the lr by --lr_decay_rate every N epochs (default: never)")
+    group.add_argument("--lr_decay_rate", type=nonnegative_float, default=0.5)
+    group.add_argument("--grad_clip", type=nonnegative_float, default=1.0,
+                       help="clip the gradient norm to this (0: no clipping)")
+    group.add_argument("--ema_decay", type=probability, default=0.9999)
+    group.add_argument("--max_steps", type=positive_int, default=None,
+                       help="stop after N optimizer steps in all, saving ckpt_final.pt as usual")
+    add_precision_arg(group)
+    group.add_argument("--compile", action="store_true", help="torch.compile the model")
+
+    group = parser.add_argument_group("run")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--save_dir", default=save_dir)
+    group.add_argument("--save_freq", type=positive_int, default=10,
+                       help="write a checkpoint and a preview grid every N epochs")
+    group.add_argument("--resume", default=None, metavar="CKPT",
+                       help="continue training from this checkpoint (its model config is used)")
+    add_device_arg(parser)
+
+
+# ----------------------------------------------------------------------------------------
+# Devices and distribution
+
+
+@dataclass
+class Dist:
+    """Where this process stands in a (possibly one-process) training job."""
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    def barrier(self):
+        if self.world_size > 1:
+            torch_dist.barrier()
+
+    def mean(self, tensor):
+        """Average a tensor over ranks (a no-op on one process)."""
+        if self.world_size > 1:
+            tensor = tensor.clone()
+            torch_dist.all_reduce(tensor)
+            tensor /= self.world_size
+        return tensor
+
+
+# ----------------------------------------------------------------------------------------
+# The training step
+
+
+def training_step(model, scheduler, optimizer, x0, labels=None, *, amp_dtype=None, grad_clip=0.0,
+                  t=None, noise=None):
+    """One optimizer step on the DDPM loss, returns the (detached) loss.
+
+        t ~ U{0, ..., T-1},  eps ~ N(0, I),  x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps
+        loss = || eps - eps_theta(x_t, t [, y]) ||^2     (mean over pixels and batch)
+
+    `labels` is None for model A; for model B the model itself replaces a share of them
+    by the null label (train mode). `t` and `noise` may be given (tests do, to compare runs).
+    Under DDP `model` is the DistributedDataParallel wrapper, whose backward averages the
+    gradients over ranks.
+    """
+    if t is None:
+        t = scheduler.sample_timesteps(x0.shape[0], device=x0.device)
+    x_t, noise = scheduler.noise_image(x0, t, noise)
+    with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=amp_dtype is not None):
+        pred_noise = model(x_t, t) if labels is None else model(x_t, t, labels)
+    loss = F.mse_loss(pred_noise.float(), noise)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return loss.detach()
+
+
+def learning_rate(args, step, steps_per_epoch):
+    """Linear warm-up, then a step decay every --lr_decay_step epochs. Depends only on the
+    global step, so every rank computes the same value."""
+    warmup = min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps > 0 else 1.0
+    decay = 1.0
+    if args.lr_decay_step:
+        decay = args.lr_decay_rate ** (step // (args.lr_decay_step * steps_per_epoch))
+    return args.lr * warmup * decay
+
+
+# ----------------------------------------------------------------------------------------
+# Stopping cleanly
+
+
+class StopFlag:
+    """The first Ctrl-C / SIGTERM asks the loop to save and stop after the current step;
+    a second Ctrl-C stops at once."""
+
+    def __init__(self, announce):
+        self.requested = False
+        self.announce = announce
+        self.previous = {}
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self.previous[signum] = signal.signal(signum, self.handle)
+
+    def handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        if self.announce:
+            print("\nstopping: saving a resumable checkpoint after this step "
+                  "(Ctrl-C again to quit without saving)", file=sys.stderr, flush=True)
+
+    def restore(self):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+# ----------------------------------------------------------------------------------------
+# The loop
+
+
+def build_checkpoint(kind, model, ema, optimizer, scheduler, args, epoch, step, batch_in_epoch):
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    return {
+        "kind": kind,
+        "model_config": dict(model.config),
+        "scheduler_config": scheduler.config,
+        "model": clean_state_dict(model.state_dict()),
+        "ema": clean_state_dict(ema.state_dict()),
+        "ema_updates": ema.num_updates,
+        "optimizer": optimizer.state_dict(),
+        "epoch": epoch,
+        "step": step,
+        "batch_in_epoch": batch_in_epoch,
+        "rng": rng,
+        "args": {key: value for key, value in vars(args).items()},
+    }
+
+
+def save_preview(ema_model, scheduler, preview_labels, num_preview, path, device, amp_dtype):
+    """A grid of samples from the EMA weights (one row per digit for model B)."""
+    images = generate_images(ema_model, scheduler, num_preview, labels=preview_labels,
+                             sampler="dpm++2m", steps=20, seed=0, device=device,
+                             amp_dtype=amp_dtype, progress=False)
+    nrow = num_preview // 10 if preview_labels is not None else int(num_preview ** 0.5)
+    save_grid(images, path, nrow=nrow)
+
+
+def write_param_hash(model, ema, directory, rank):
+    """Test hook (SIMPLEST_DIFFUSION_HASH_DIR): each rank writes a digest of its weights."""
+    digest = hashlib.sha256()
+    for tensor in itertools.chain(model.state_dict().values(), ema.state_dict().values()):
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    with open(os.path.join(directory, f"rank{rank}.sha256"), "w") as f:
+        f.write(digest.hexdigest())
+
+
+def train(args, model_class, model_config, preview_labels=None, num_preview=16, dist=Dist(),
+          device=None):
+    """Train `model_class(**model_config)` on MNIST as `args` say; returns the final checkpoint path."""
+    log = print if dist.is_main else (lambda *a, **k: None)
+    device = device or resolve_device(args.device)
+    amp_dtype = autocast_dtype(args.precision, device)
+    kind = model_class.kind
+
+    resume = load_checkpoint(args.resume, expected_kind=kind) if args.resume else None
+    if resume is not None:
+        model_config = resume["model_config"]
+        scheduler_config = resume["scheduler_config"]
+    else:
+        scheduler_config = dict(timesteps=args.timesteps, schedule=args.schedule)
+
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    model = model_class(**model_config).to(device)
+    scheduler = NoiseScheduler(**scheduler_config, device=device)
+
+    # MNIST: rank 0 downloads/reads first, the others wait, then read the same files
+    if dist.is_main:
+        images, labels = load_training_set(args.data_dir, model.img_size, model.channels, args.subset)
+    dist.barrier()
+    if not dist.is_main:
+        images, labels = load_training_set(args.data_dir, model.img_size, model.channels,
+                                           args.subset, download=False)
+    if device.type == "cuda" and args.num_workers == 0:
+        images, labels = images.to(device), labels.to(device)  # the whole set lives on the GPU
+    loader = make_loader(images, labels, args.batch_size, args.seed, dist.rank, dist.world_size,
+                         args.num_workers, pin_memory=device.type == "cuda" and args.num_workers > 0)
+    steps_per_epoch = len(loader)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    ema = EMA(model, args.ema_decay)
+    epoch, step, batch_in_epoch = 0, 0, 0
+    if resume is not None:
+        model.load_state_dict(clean_state_dict(resume["model"]))
+        ema.load_state_dict(clean_state_dict(resume["ema"]), resume["ema_updates"])
+        optimizer.load_state_dict(resume["optimizer"])
+        epoch, step, batch_in_epoch = resume["epoch"], resume["step"], resume["batch_in_epoch"]
+        log(f"resumed from {args.resume} at epoch {epoch}, step {step}")
+
+    # noise, timesteps and label dropout: a different stream on each rank
+    if resume is not None and dist.world_size == 1:
+        torch.set_rng_state(resume["rng"]["cpu"])
+        if "cuda" in resume["rng"] and device.type == "cuda":
+            torch.cuda.set_rng_state(resume["rng"]["cuda"], device)
+    else:
+        torch.manual_seed(args.seed + dist.rank + dist.world_size * step)
+
+    train_model = model
+    if dist.world_size > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        train_model = torch.compile(train_model)
+
+    os.makedirs(args.save_dir, exist_ok=True)
+    hash_dir = os.environ.get("SIMPLEST_DIFFUSION_HASH_DIR")
+    stop = StopFlag(announce=dist.is_main)
+
+    def save(name, preview_name=None):
+        if dist.is_main:
+            state = build_checkpoint(kind, model, ema, optimizer, scheduler, args, epoch, step,
+                                     batch_in_epoch)
+            path = os.path.join(args.save_dir, name)
+            save_checkpoint(state, path)
+            if preview_name:
+                save_preview(ema.module, scheduler, preview_labels, num_preview,
+                             os.path.join(args.save_dir, preview_name), device, amp_dtype)
+            log(f"saved {path}")
+        dist.barrier()
+
+    log(f"training {kind} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters) on "
+        f"{len(images)} images, {device}, {'bf16 autocast' if amp_dtype else 'fp32'}, "
+        f"world size {dist.world_size}, global batch {args.batch_size * dist.world_size}")
+    stopped = False
+    try:
+        while epoch < args.epochs and not (args.max_steps and step >= args.max_steps):
+            loader.sampler.sampler.set_epoch(epoch)
+            model.train()
+            loss_sum = torch.zeros((), device=device)
+            seen, start = 0, time.perf_counter()
+            bar = tqdm(itertools.islice(loader, batch_in_epoch, None), total=steps_per_epoch,
+                       initial=batch_in_epoch, desc=f"epoch {epoch + 1}/{args.epochs}",
+                       disable=not dist.is_main, dynamic_ncols=True, leave=False)
+            for images_u8, batch_labels in bar:
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(args, step, steps_per_epoch)
+                x0 = to_model_range(images_u8, device)
+                batch_labels = batch_labels.to(device, non_blocking=True) if kind == "dit_cfg" else None
+                loss = training_step(train_model, scheduler, optimizer, x0, batch_labels,
+                                     amp_dtype=amp_dtype, grad_clip=args.grad_clip)
+                ema.update(model)
+                step += 1
+                batch_in_epoch += 1
+                loss_sum += loss
+                seen += 1
+                if seen % 10 == 0 or batch_in_epoch == steps_per_epoch:  # sync only now and then
+                    elapsed = time.perf_counter() - start
+                    bar.set_postfix(loss=f"{dist.mean(loss_sum).item() / seen:.4f}",
+                                    img_s=f"{seen * args.batch_size * dist.world_size / elapsed:.0f}")
+                stopped = stop.requested
+                if dist.world_size > 1:  # one rank's signal stops them all at the same step
+                    flag = torch.tensor(float(stopped), device=device)
+                    torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
+                    stopped = bool(flag.item())
+                if stopped or (args.max_steps and step >= args.max_steps):
+                    break
+            bar.close()
+            elapsed = time.perf_counter() - start
+            if seen:
+                log(f"epoch {epoch + 1}/{args.epochs}  step {step}  "
+                    f"loss {dist.mean(loss_sum).item() / seen:.4f}  "
+                    f"{seen * args.batch_size * dist.world_size / elapsed:.0f} img/s  "
+                    f"lr {optimizer.param_groups[0]['lr']:.2e}  {elapsed:.0f}s")
+            if stopped:
+                break
+            if batch_in_epoch == steps_per_epoch:
+                epoch, batch_in_epoch = epoch + 1, 0
+                if epoch % args.save_freq == 0 and epoch < args.epochs:
+                    save(f"ckpt_epoch_{epoch}.pt", f"preview_epoch_{epoch}.png")
+    finally:
+        stop.restore()
+
+    if stopped:
+        save("ckpt_interrupted.pt")
+        log(f"stopped at epoch {epoch}, step {step}; continue with "
+            f"--resume {os.path.join(args.save_dir, 'ckpt_interrupted.pt')}")
+    else:
+        save("ckpt_final.pt", "preview_final.png")
+    if hash_dir:
+        write_param_hash(model, ema.module, hash_dir, dist.rank)
+    return os.path.join(args.save_dir, "ckpt_interrupted.pt" if stopped else "ckpt_final.pt")
