@@ -115,6 +115,8 @@ def sampling_kwargs(args, scheduler, device):
     if args.steps is not None and args.steps > scheduler.num_timesteps:
         raise UsageError(f"--steps {args.steps} is more than the {scheduler.num_timesteps} "
                          "timesteps this model was trained with")
+    if args.eta and args.sampler != "ddim":
+        raise UsageError("--eta is a DDIM option (use --sampler ddim)")
     return dict(sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed,
                 batch_size=args.batch_size, amp_dtype=autocast_dtype(args.precision, device),
                 progress=True)

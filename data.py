@@ -82,4 +82,7 @@ def make_loader(images, labels, batch_size, seed, rank=0, world_size=1, num_work
     return DataLoader(_IndexedBatches(images, labels),
                       sampler=BatchSampler(sampler, batch_size, drop_last=False),
                       batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                      persistent_workers=num_workers > 0)
+                      persistent_workers=num_workers > 0,
+                      # its own generator: a new epoch's iterator then draws its worker seed
+                      # from here, not from the global stream that noise and timesteps use
+                      generator=torch.Generator().manual_seed(seed))

@@ -124,3 +124,60 @@ def sample(
 
     x = x.float()
     return (x, trajectory) if trajectory_at is not None else x
+
+
+# ----------------------------------------------------------------------------------------
+# From a trained model to images: what infer.py, infer_cfg.py, evaluate.py and the
+# training previews call.
+
+DEFAULT_SAMPLER = "ddim"
+DEFAULT_GUIDANCE_SCALE = 2.0
+
+
+def guided_noise_fn(model, labels, guidance_scale):
+    """Classifier-free guidance for model B as a model_fn(x_t, t):
+
+        eps = eps(x_t, t, null) + s * (eps(x_t, t, y) - eps(x_t, t, null))
+
+    Both predictions come from one forward pass over a doubled batch. The condition's
+    cross-attention keys and values are computed here, once: they do not depend on t.
+    s = 1 needs only the conditional half and s = 0 only the unconditional one.
+    """
+    if guidance_scale in (0, 1):
+        cond_kv = model.condition_kv(labels, drop_all=guidance_scale == 0)
+        return lambda x, t: model(x, t, cond_kv=cond_kv)
+    cond_kv = [(torch.cat([k_c, k_u]), torch.cat([v_c, v_u])) for (k_c, v_c), (k_u, v_u) in
+               zip(model.condition_kv(labels), model.condition_kv(labels, drop_all=True))]
+
+    def noise_fn(x, t):
+        eps_cond, eps_uncond = model(torch.cat([x, x]), torch.cat([t, t]), cond_kv=cond_kv).chunk(2)
+        return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+    return noise_fn
+
+
+@torch.inference_mode()
+def generate_images(model, scheduler, num_samples, labels=None, guidance_scale=DEFAULT_GUIDANCE_SCALE,
+                    sampler=DEFAULT_SAMPLER, steps=None, eta=0.0, seed=0, device="cpu",
+                    amp_dtype=None, batch_size=256, progress=False):
+    """num_samples images (N, C, H, W), float32 in about [-1, 1], in chunks of batch_size.
+
+    labels: (N,) digits for model B (guided by guidance_scale), None for model A.
+    amp_dtype: torch.bfloat16 to run the model under autocast, None for fp32.
+    The same seed gives the same images.
+    """
+    device = torch.device(device)
+    generator = torch.Generator(device).manual_seed(seed)
+    shape = (model.channels, model.img_size, model.img_size)
+    chunks = []
+    for start in range(0, num_samples, batch_size):
+        n = min(batch_size, num_samples - start)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp_dtype is not None):
+            if labels is None:
+                model_fn = model
+            else:
+                model_fn = guided_noise_fn(model, labels[start:start + n].to(device), guidance_scale)
+            chunks.append(sample(model_fn, scheduler, (n, *shape), sampler=sampler, steps=steps,
+                                 eta=eta, generator=generator, device=device,
+                                 progress=progress).cpu())
+    return torch.cat(chunks)

@@ -21,6 +21,11 @@ import torch
 SCHEDULES = ("linear", "cosine")
 
 
+def _compute_dtype(x):
+    """Dtype the update math runs in: float64 for float64 inputs, float32 otherwise (bf16, fp16)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _cosine_betas(timesteps, s=0.008):
     """Nichol & Dhariwal 2021, "Improved DDPM", eq. 17.
 
@@ -97,7 +102,7 @@ class NoiseScheduler:
             # coef1_t = beta_t sqrt(ab_{t-1}) / (1 - ab_t)          (multiplies x0)
             "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1 - alphas_cumprod),
             # coef2_t = sqrt(alpha_t) (1 - ab_{t-1}) / (1 - ab_t)   (multiplies x_t)
-            "posterior_mean_coef2": alphas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod),
+            "posterior_mean_coef2": alphas.sqrt() * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod),
             # lambda_t = log(alpha_t / sigma_t) = 1/2 log(ab_t / (1 - ab_t)), the half
             # log-SNR that DPM-Solver steps in (Lu et al. 2022)
             "lambdas": 0.5 * (alphas_cumprod.log() - torch.log1p(-alphas_cumprod)),
@@ -140,19 +145,18 @@ class NoiseScheduler:
         (B, 1, 1, 1). Tensor timesteps are not range-checked, which would need
         a host-device sync.
         """
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         if isinstance(t, torch.Tensor):
             out = values[t.to(values.device)].reshape(-1, *([1] * (x.dim() - 1)))
         else:
             self._check_t(t)
             out = values[int(t)]
-        return out.to(device=x.device, dtype=dtype)
+        return out.to(device=x.device, dtype=_compute_dtype(x))
 
     def _keep_noise(self, t, x):
         """1 where t > 0 and 0 where t == 0, shaped like _coef: the last step adds no noise."""
         if isinstance(t, torch.Tensor):
             keep = (t.to(x.device) != 0).reshape(-1, *([1] * (x.dim() - 1)))
-            return keep.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+            return keep.to(_compute_dtype(x))
         return float(t != 0)
 
     # ----------------------------------------------------------------- training
@@ -211,11 +215,12 @@ class NoiseScheduler:
             var_table = self.posterior_variance
         else:
             raise ValueError(f"unknown variance {variance!r}; expected 'beta' or 'posterior'")
-        x = x_t.to(torch.float64 if x_t.dtype == torch.float64 else torch.float32)
+        x = x_t.to(_compute_dtype(x_t))
         eps = pred_noise.to(x.dtype)
         if clip_x0:
             x0_hat = self.predict_x0(x, t, eps).clamp(-1, 1)
-            mean = self._coef(self.posterior_mean_coef1, t, x) * x0_hat + self._coef(self.posterior_mean_coef2, t, x) * x
+            coef1, coef2 = self._coef(self.posterior_mean_coef1, t, x), self._coef(self.posterior_mean_coef2, t, x)
+            mean = coef1 * x0_hat + coef2 * x
         else:
             eps_coef = self._coef(self.betas, t, x) / self._coef(self.sqrt_one_minus_alphas_cumprod, t, x)
             mean = self._coef(self.sqrt_recip_alphas, t, x) * (x - eps_coef * eps)
@@ -237,10 +242,13 @@ class NoiseScheduler:
         t, t_prev: python ints; t_prev = -1 means ab_prev = 1, the jump to the
         clean image. With ab = ab_t and ab' = ab_{t_prev}:
 
-            x0_hat = (x_t - sqrt(1 - ab) eps) / sqrt(ab)   (clamped to [-1, 1] when clip_x0,
-            eps    = (x_t - sqrt(ab) x0_hat) / sqrt(1 - ab) then re-derived to match it)
+            x0_hat = (x_t - sqrt(1 - ab) eps) / sqrt(ab)
             sigma  = eta * sqrt((1 - ab') / (1 - ab)) * sqrt(1 - ab / ab')
             x_prev = sqrt(ab') x0_hat + sqrt(1 - ab' - sigma^2) eps + sigma z
+
+        With clip_x0, x0_hat is clamped to [-1, 1] and eps re-derived from it,
+        eps = (x_t - sqrt(ab) x0_hat) / sqrt(1 - ab), so both terms describe the
+        same x_t (the step stays on the line through x_t and the clamped x0_hat).
 
         eta = 0 is the deterministic DDIM sampler; eta = 1 is ancestral
         sampling with the posterior variance of the respaced chain.
@@ -249,11 +257,11 @@ class NoiseScheduler:
         self._check_pair(t, t_prev)
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
-        x = x_t.to(torch.float64 if x_t.dtype == torch.float64 else torch.float32)
+        x = x_t.to(_compute_dtype(x_t))
         eps = pred_noise.to(x.dtype)
         a = self._coef(self.sqrt_alphas_cumprod, t, x)
         s = self._coef(self.sqrt_one_minus_alphas_cumprod, t, x)
-        ab = a * a
+        ab = self._coef(self.alphas_cumprod, t, x)
         ab_prev = self._coef(self.alphas_cumprod_prev, t_prev + 1, x)  # ab_{t_prev}; 1 at t_prev = -1
 
         x0_hat = (x - s * eps) / a
@@ -292,7 +300,7 @@ class NoiseScheduler:
             raise ValueError("last_x0_hat and t_last must be given together")
         if t_prev == -1:
             return x0_hat
-        x = x_t.to(torch.float64 if x_t.dtype == torch.float64 else torch.float32)
+        x = x_t.to(_compute_dtype(x_t))
         d = x0_hat.to(x.dtype)
         lam_t = self._coef(self.lambdas, t, x)
         h = self._coef(self.lambdas, t_prev, x) - lam_t

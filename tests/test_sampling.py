@@ -138,7 +138,8 @@ def test_samples_are_not_clamped():
     x_star = torch.linspace(-1.5, 1.5, 64).view(1, 1, 8, 8)
     model = PointOracle(x_star, ref_alphas_cumprod("linear"))
     for sampler in SAMPLERS:
-        out = sample(model, NoiseScheduler(), (1, 1, 8, 8), sampler=sampler, steps=20, clip_x0=False, generator=seeded())
+        out = sample(model, NoiseScheduler(), (1, 1, 8, 8), sampler=sampler, steps=20, clip_x0=False,
+                     generator=seeded())
         torch.testing.assert_close(out, x_star, rtol=0, atol=2e-4)
 
 
@@ -150,7 +151,8 @@ def test_deterministic_trajectory_follows_the_ode(x_star, sampler):
     ab = ref_alphas_cumprod("linear")
     model = PointOracle(x_star, ab)
     record = [999, 500, 105, 0, 123456]  # 123456 is never visited and is skipped
-    out, trajectory = sample(model, NoiseScheduler(), SHAPE, sampler=sampler, steps=20, generator=seeded(7), trajectory_at=record)
+    out, trajectory = sample(model, NoiseScheduler(), SHAPE, sampler=sampler, steps=20, generator=seeded(7),
+                             trajectory_at=record)
     assert [t for t, _, _ in trajectory] == [999, 105, 0]  # 500 is not on the 20-step schedule
     eps_T = (x_T(7).double() - ab[999].sqrt() * x_star) / (1 - ab[999]).sqrt()
     for t, x_t, x0_hat in trajectory:
@@ -184,7 +186,8 @@ def test_ode_solvers_converge_with_their_order(schedule):
     exact = model.ode_state(x_T(3), t)
 
     def error(sampler, steps):
-        _, trajectory = sample(model, scheduler, SHAPE, sampler=sampler, steps=steps, clip_x0=False, generator=seeded(3), trajectory_at=[t])
+        _, trajectory = sample(model, scheduler, SHAPE, sampler=sampler, steps=steps, clip_x0=False,
+                               generator=seeded(3), trajectory_at=[t])
         return (trajectory[0][1].double() - exact).abs().max().item()
 
     ddim = [error("ddim", n) for n in (38, 112, 334)]
@@ -196,12 +199,14 @@ def test_ode_solvers_converge_with_their_order(schedule):
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_dpm_solver_20_steps_beats_ddim_50_at_the_endpoint(schedule):
+    """Needs the first-order step into t = 0: a second-order one there overshoots (error ~0.5)."""
     ab = ref_alphas_cumprod(schedule)
     model = GaussianOracle(0.2, 0.5, ab)
     exact = model.ode_endpoint(x_T(3))
 
     def error(sampler, steps):
-        out = sample(model, NoiseScheduler(schedule=schedule), SHAPE, sampler=sampler, steps=steps, clip_x0=False, generator=seeded(3))
+        out = sample(model, NoiseScheduler(schedule=schedule), SHAPE, sampler=sampler, steps=steps,
+                     clip_x0=False, generator=seeded(3))
         return (out.double() - exact).abs().max().item()
 
     assert error("dpm++2m", 20) < error("ddim", 50) < 0.1
@@ -223,6 +228,18 @@ def test_ddim_eta0_is_deterministic_given_x_T():
 # ----------------------------------------------------------- loop bookkeeping
 
 
+def test_respaced_ddpm_is_ddim_with_eta_1():
+    model = GaussianOracle(0.2, 0.5, ref_alphas_cumprod("linear"))
+
+    def run(sampler, eta=0.0):
+        return sample(model, NoiseScheduler(), SHAPE, sampler=sampler, steps=25, eta=eta, generator=seeded(4))
+
+    respaced = run("ddpm")
+    assert torch.equal(respaced, run("ddim", eta=1.0))
+    assert not torch.allclose(respaced, run("ddim"))
+
+
+
 def test_full_ddpm_calls_the_model_at_every_timestep_in_order():
     model = PointOracle(torch.zeros(SHAPE), ref_alphas_cumprod("linear"))
     sample(model, NoiseScheduler(), SHAPE, generator=seeded())
@@ -231,7 +248,9 @@ def test_full_ddpm_calls_the_model_at_every_timestep_in_order():
         assert t.tolist() == [expected] * SHAPE[0]
 
 
-@pytest.mark.parametrize("sampler, steps", [("ddim", 1), ("ddim", 7), ("ddim", 50), ("ddpm", 25), ("dpm++2m", 2), ("dpm++2m", 20)])
+@pytest.mark.parametrize(
+    "sampler, steps", [("ddim", 1), ("ddim", 7), ("ddim", 50), ("ddpm", 25), ("dpm++2m", 2), ("dpm++2m", 20)]
+)
 def test_model_calls_equal_steps(sampler, steps):
     model = PointOracle(torch.zeros(SHAPE), ref_alphas_cumprod("linear"))
     sample(model, NoiseScheduler(), SHAPE, sampler=sampler, steps=steps, generator=seeded())
@@ -250,7 +269,10 @@ def test_default_steps():
     assert len(model.calls) == 10
 
 
-@pytest.mark.parametrize("sampler, steps, eta", [("ddpm", None, 0.0), ("ddpm", 10, 0.0), ("ddim", 10, 0.0), ("ddim", 10, 1.0), ("dpm++2m", 10, 0.0)])
+@pytest.mark.parametrize(
+    "sampler, steps, eta",
+    [("ddpm", None, 0.0), ("ddpm", 10, 0.0), ("ddim", 10, 0.0), ("ddim", 10, 1.0), ("dpm++2m", 10, 0.0)],
+)
 def test_seeded_generator_reproduces_samples(sampler, steps, eta):
     scheduler = NoiseScheduler(timesteps=100)
     model = GaussianOracle(0.0, 0.5, ref_alphas_cumprod("linear", T=100))
@@ -304,7 +326,8 @@ def test_cuda_loop_has_no_host_device_sync(sampler):
 
     torch.cuda.set_sync_debug_mode("error")
     try:
-        out = sample(model, scheduler, SHAPE, sampler=sampler, steps=10 if sampler != "ddpm" else None, generator=g, device="cuda")
+        steps = None if sampler == "ddpm" else 10
+        out = sample(model, scheduler, SHAPE, sampler=sampler, steps=steps, generator=g, device="cuda")
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert out.device.type == "cuda"

@@ -40,13 +40,16 @@ def test_linear_schedule_golden_values():
     beta_500 = 1e-4 + 500 * (0.02 - 1e-4) / 999
     np.testing.assert_allclose(np_(s.betas[[0, 500, 999]]), [1e-4, beta_500, 0.02], rtol=1e-6)
     # Reference values from exact decimal arithmetic (40 digits) of ab_t = prod (1 - beta_s):
-    np.testing.assert_allclose(np_(s.alphas_cumprod[[0, 500, 999]]), [0.9999, 7.7796658365e-2, 4.0358297654e-5], rtol=2e-5)
+    ab = [0.9999, 7.7796658365e-2, 4.0358297654e-5]
+    np.testing.assert_allclose(np_(s.alphas_cumprod[[0, 500, 999]]), ab, rtol=2e-5)
     # beta~_0 = 0 because ab_{-1} = 1; beta~_t = beta_t (1 - ab_{t-1}) / (1 - ab_t) elsewhere.
     np.testing.assert_allclose(np_(s.posterior_variance[[500, 999]]), [1.0051335779e-2, 1.9999983527e-2], rtol=1e-5)
     assert s.posterior_variance[0].item() == 0.0
     # At t = 0 the posterior mean is x0 itself: coef1 = 1, coef2 = 0.
-    np.testing.assert_allclose(np_(s.posterior_mean_coef1[[0, 500, 999]]), [1.0, 3.0580570756e-3, 1.2835148717e-4], rtol=2e-5)
-    np.testing.assert_allclose(np_(s.posterior_mean_coef2[[0, 500, 999]]), [0.0, 9.9410435076e-1, 9.8994867827e-1], rtol=1e-5, atol=1e-9)
+    coef1 = [1.0, 3.0580570756e-3, 1.2835148717e-4]
+    coef2 = [0.0, 9.9410435076e-1, 9.8994867827e-1]
+    np.testing.assert_allclose(np_(s.posterior_mean_coef1[[0, 500, 999]]), coef1, rtol=2e-5)
+    np.testing.assert_allclose(np_(s.posterior_mean_coef2[[0, 500, 999]]), coef2, rtol=1e-5, atol=1e-9)
     np.testing.assert_allclose(np_(s.sqrt_alphas_cumprod[[500, 999]]), [2.7892052338e-1, 6.3528180876e-3], rtol=2e-5)
 
 
@@ -256,7 +259,9 @@ def test_ancestral_step_clips_the_implied_x0():
     eps = randn(2, 1, 4, 4, seed=16)
     x0_hat = np.clip((np_(x_t) - np.sqrt(1 - ab[t]) * np_(eps)) / np.sqrt(ab[t]), -1, 1)
     assert (np.abs(x0_hat) == 1).any()  # the clamp is active
-    mean = betas[t] * np.sqrt(ab[t - 1]) / (1 - ab[t]) * x0_hat + np.sqrt(1 - betas[t]) * (1 - ab[t - 1]) / (1 - ab[t]) * np_(x_t)
+    coef1 = betas[t] * np.sqrt(ab[t - 1]) / (1 - ab[t])
+    coef2 = np.sqrt(1 - betas[t]) * (1 - ab[t - 1]) / (1 - ab[t])
+    mean = coef1 * x0_hat + coef2 * np_(x_t)
     out = s.sample_prev_image_distribution(x_t, t, eps, noise=z)  # defaults: clip, beta variance
     np.testing.assert_allclose(np_(out), mean + np.sqrt(betas[t]) * np_(z), rtol=1e-5, atol=1e-5)
 
@@ -329,7 +334,8 @@ def test_dpm_solver_first_order_is_ddim():
     x_t, x0 = randn(2, 1, 4, 4, seed=29), randn(2, 1, 4, 4, seed=30).clamp(-1, 1)
     t, tp = 800, 700
     # (sigma'/sigma) x_t - alpha' (exp(-h) - 1) x0 = sqrt(ab') x0 + sqrt(1 - ab') (x_t - sqrt(ab) x0) / sqrt(1 - ab)
-    expected = np.sqrt(ab[tp]) * np_(x0) + np.sqrt(1 - ab[tp]) * (np_(x_t) - np.sqrt(ab[t]) * np_(x0)) / np.sqrt(1 - ab[t])
+    eps = (np_(x_t) - np.sqrt(ab[t]) * np_(x0)) / np.sqrt(1 - ab[t])
+    expected = np.sqrt(ab[tp]) * np_(x0) + np.sqrt(1 - ab[tp]) * eps
     np.testing.assert_allclose(np_(s.dpm_solver_step(x_t, t, tp, x0)), expected, rtol=1e-4, atol=1e-5)
     assert s.dpm_solver_step(x_t, 5, -1, x0) is x0
 

@@ -1,0 +1,160 @@
+"""End to end through the real entry points, on tiny synthetic MNIST and tiny models."""
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from checkpoint import CheckpointError, load_checkpoint
+from tests.conftest import TINY_MODEL, run_script
+
+TINY_A = ["--img_size", "16", "--patch_size", "4", *TINY_MODEL, "--batch_size", "16",
+          "--subset", "48", "--warmup_steps", "2"]
+TINY_B = ["--img_size", "16", "--patch_size", "4", *TINY_MODEL, "--batch_size", "16",
+          "--subset", "48", "--warmup_steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def run_a(tiny_mnist, tmp_path_factory):
+    save_dir = tmp_path_factory.mktemp("run_a")
+    run_script("train.py", "--data_dir", tiny_mnist, "--save_dir", str(save_dir),
+               "--max_steps", "4", *TINY_A)
+    return save_dir
+
+
+@pytest.fixture(scope="module")
+def run_b(tiny_mnist, tmp_path_factory):
+    save_dir = tmp_path_factory.mktemp("run_b")
+    run_script("train_cfg.py", "--data_dir", tiny_mnist, "--save_dir", str(save_dir),
+               "--max_steps", "4", *TINY_B)
+    return save_dir
+
+
+def test_train_writes_a_plain_checkpoint_and_preview(run_a):
+    ckpt = load_checkpoint(str(run_a / "ckpt_final.pt"))  # weights_only=True inside
+    assert ckpt["kind"] == "dit" and ckpt["step"] == 4
+    assert ckpt["model_config"]["dim"] == 32 and ckpt["scheduler_config"]["timesteps"] == 1000
+    assert isinstance(ckpt["args"], dict) and ckpt["args"]["max_steps"] == 4
+    for state in (ckpt["model"], ckpt["ema"]):
+        assert not any(k.startswith(("module.", "_orig_mod.")) for k in state)
+    assert set(ckpt["model"]) == set(ckpt["ema"])
+    # the EMA moved away from the raw weights but is not equal to them
+    assert any(not torch.equal(ckpt["model"][k], ckpt["ema"][k]) for k in ckpt["model"])
+    assert Image.open(run_a / "preview_final.png").size[0] > 16
+
+
+def test_infer_single_image_grid_and_directory(run_a, tmp_path):
+    ckpt = str(run_a / "ckpt_final.pt")
+    run_script("infer.py", "--ckpt", ckpt, "--output", str(tmp_path / "one.jpg"), "--steps", "3")
+    assert Image.open(tmp_path / "one.jpg").size == (16, 16)
+    run_script("infer.py", "--ckpt", ckpt, "--output", str(tmp_path / "grid.png"),
+               "--num_samples", "4", "--sampler", "ddpm", "--steps", "3")
+    assert Image.open(tmp_path / "grid.png").size == (2 + 2 * 18, 2 + 2 * 18)
+    run_script("infer.py", "--ckpt", ckpt, "--output", str(tmp_path / "samples") + "/",
+               "--num_samples", "3", "--steps", "2")
+    assert sorted(os.listdir(tmp_path / "samples")) == ["000.png", "001.png", "002.png"]
+
+
+def test_infer_is_reproducible_with_a_seed(run_a, tmp_path):
+    ckpt = str(run_a / "ckpt_final.pt")
+    for name in ("a.png", "b.png"):
+        run_script("infer.py", "--ckpt", ckpt, "--output", str(tmp_path / name), "--steps", "3",
+                   "--num_samples", "2", "--seed", "7")
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+
+
+def test_resume_continues_from_the_saved_step(run_a, tiny_mnist, tmp_path):
+    run_script("train.py", "--data_dir", tiny_mnist, "--save_dir", str(tmp_path),
+               "--resume", str(run_a / "ckpt_final.pt"), "--max_steps", "6", *TINY_A)
+    ckpt = load_checkpoint(str(tmp_path / "ckpt_final.pt"))
+    first = load_checkpoint(str(run_a / "ckpt_final.pt"))
+    assert ckpt["step"] == 6 and ckpt["ema_updates"] == 6
+    assert not torch.equal(ckpt["model"]["final_layer.linear.weight"],
+                           first["model"]["final_layer.linear.weight"])
+
+
+def test_resume_equals_an_uninterrupted_run(tiny_mnist, tmp_path):
+    """4 steps, stop, resume to 7 == 7 steps straight (same data order, noise and EMA)."""
+    common = ["--data_dir", tiny_mnist, *TINY_A, "--precision", "fp32"]
+    run_script("train.py", *common, "--save_dir", str(tmp_path / "straight"), "--max_steps", "7")
+    run_script("train.py", *common, "--save_dir", str(tmp_path / "part"), "--max_steps", "4")
+    run_script("train.py", *common, "--save_dir", str(tmp_path / "part"), "--max_steps", "7",
+               "--resume", str(tmp_path / "part" / "ckpt_final.pt"))
+    straight = load_checkpoint(str(tmp_path / "straight" / "ckpt_final.pt"))
+    resumed = load_checkpoint(str(tmp_path / "part" / "ckpt_final.pt"))
+    for key in ("model", "ema"):
+        for name, tensor in straight[key].items():
+            assert torch.allclose(tensor, resumed[key][name], atol=1e-6), (key, name)
+
+
+def test_corrupt_or_wrong_checkpoint_gives_one_line_error(run_a, run_b, tmp_path):
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes((run_a / "ckpt_final.pt").read_bytes()[:1000])
+    out = str(tmp_path / "x.png")
+    for args, message in (
+        (["infer.py", "--ckpt", str(corrupt)], "not a readable checkpoint"),
+        (["infer.py", "--ckpt", str(tmp_path / "missing.pt")], "not found"),
+        (["infer.py", "--ckpt", str(run_b / "ckpt_final.pt")], "model B"),
+        (["infer_cfg.py", "--label", "3", "--ckpt", str(run_a / "ckpt_final.pt")], "model A"),
+    ):
+        result = run_script(*args, "--output", out, check=False)
+        assert result.returncode != 0
+        assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    with pytest.raises(CheckpointError):
+        load_checkpoint(str(corrupt))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--num_samples", "0"], "positive integer"),
+    (["--steps", "5000"], "more than the 1000 timesteps"),
+    (["--sampler", "euler"], "invalid choice"),
+    (["--output", "/nonexistent/dir/x.png"], "does not exist"),
+    (["--output", "x.unknownext"], "image format"),
+])
+def test_bad_inference_options(run_a, args, message, tmp_path):
+    base = {"--output": str(tmp_path / "x.png")}
+    if "--output" not in args:
+        args = [*args, "--output", base["--output"]]
+    result = run_script("infer.py", "--ckpt", str(run_a / "ckpt_final.pt"), *args, check=False)
+    assert result.returncode != 0 and message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_model_shape_is_one_line(tiny_mnist, tmp_path):
+    result = run_script("train.py", "--data_dir", tiny_mnist, "--save_dir", str(tmp_path),
+                        "--img_size", "30", "--patch_size", "4", check=False)
+    assert result.returncode != 0 and "divisible by patch_size" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_mnist_is_one_line(tmp_path):
+    result = run_script("train.py", "--data_dir", str(tmp_path / "empty"), "--save_dir",
+                        str(tmp_path), *TINY_A, check=False,
+                        env={"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"})
+    assert result.returncode != 0
+    assert "MNIST/raw" in result.stderr and "--data_dir" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cfg_train_and_infer_label_and_grid(run_b, tmp_path):
+    ckpt = str(run_b / "ckpt_final.pt")
+    assert load_checkpoint(ckpt)["kind"] == "dit_cfg"
+    preview = Image.open(run_b / "preview_final.png")
+    assert preview.size[1] == 2 + 10 * 18  # one row per digit
+    run_script("infer_cfg.py", "--ckpt", ckpt, "--output", str(tmp_path / "four.jpg"),
+               "--label", "4", "--steps", "3")
+    assert Image.open(tmp_path / "four.jpg").size == (16, 16)
+    run_script("infer_cfg.py", "--ckpt", ckpt, "--output", str(tmp_path / "all.png"),
+               "--label", "all", "--num_samples", "2", "--steps", "3")
+    assert Image.open(tmp_path / "all.png").size == (2 + 2 * 18, 2 + 10 * 18)
+    run_script("infer_cfg.py", "--ckpt", ckpt, "--output", str(tmp_path / "fours") + "/",
+               "--label", "4", "--num_samples", "2", "--steps", "2")
+    assert sorted(os.listdir(tmp_path / "fours")) == ["4_000.png", "4_001.png"]
+
+
+@pytest.mark.parametrize("label", ["10", "-1", "four", "3.5"])
+def test_bad_label_is_one_line(run_b, label, tmp_path):
+    result = run_script("infer_cfg.py", "--ckpt", str(run_b / "ckpt_final.pt"), "--output",
+                        str(tmp_path / "x.png"), "--label", label, check=False)
+    assert result.returncode != 0 and "0-9" in result.stderr
+    assert "Traceback" not in result.stderr
