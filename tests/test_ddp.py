@@ -1,0 +1,89 @@
+"""train_cfg_ddp.py on the CPU with gloo: two ranks, the same result as one process."""
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+import torch.distributed as torch_dist
+import torch.multiprocessing as mp
+
+from checkpoint import load_checkpoint
+from dit_cfg import ConditionalDiT
+from scheduler import NoiseScheduler
+from tests.conftest import ROOT, TINY_MODEL, run_script
+from training import training_step
+
+TORCHRUN = shutil.which("torchrun")
+
+
+def tiny_setup():
+    torch.manual_seed(0)
+    model = ConditionalDiT(img_size=8, patch_size=2, dim=32, depth=2, heads=4, cond_drop_prob=0.0)
+    g = torch.Generator().manual_seed(1)
+    batch = dict(x0=torch.rand(8, 1, 8, 8, generator=g) * 2 - 1, labels=torch.arange(8),
+                 t=torch.randint(0, 1000, (8,), generator=g), noise=torch.randn(8, 1, 8, 8, generator=g))
+    return model, NoiseScheduler(), batch
+
+
+def two_steps(model, scheduler, batch, train_model=None):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(2):  # two steps, so that the zero-initialised layers pass gradients on
+        training_step(train_model or model, scheduler, optimizer, batch["x0"], batch["labels"],
+                      grad_clip=1.0, t=batch["t"], noise=batch["noise"])
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def ddp_worker(rank, store_path, out_dir):
+    torch_dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
+    try:
+        model, scheduler, batch = tiny_setup()
+        half = {k: v[rank * 4:(rank + 1) * 4] for k, v in batch.items()}  # this rank's half
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        torch.save(two_steps(model, scheduler, half, ddp), os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        torch_dist.destroy_process_group()
+
+
+def test_ddp_step_equals_single_process_step_on_the_global_batch(tmp_path):
+    model, scheduler, batch = tiny_setup()
+    single = two_steps(model, scheduler, batch)
+    mp.spawn(ddp_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2)]
+    untouched = tiny_setup()[0].state_dict()
+    for name, tensor in single.items():
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+        assert torch.allclose(ranks[0][name], tensor, atol=1e-5, rtol=1e-4), name
+    # and the step really moved the weights (the comparison above is not vacuous)
+    assert any(not torch.equal(single[n], untouched[n]) for n in single)
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun not on PATH")
+def test_torchrun_two_ranks_on_cpu(tiny_mnist, tmp_path):
+    save_dir, hash_dir = tmp_path / "run", tmp_path / "hashes"
+    hash_dir.mkdir()
+    env = dict(os.environ, SIMPLEST_DIFFUSION_HASH_DIR=str(hash_dir), OMP_NUM_THREADS="1")
+    import subprocess
+    result = subprocess.run(
+        [TORCHRUN, "--standalone", "--nproc_per_node=2", "train_cfg_ddp.py", "--device", "cpu",
+         "--data_dir", tiny_mnist, "--save_dir", str(save_dir), "--img_size", "16",
+         "--patch_size", "4", *TINY_MODEL, "--batch_size", "8", "--subset", "48",
+         "--max_steps", "4", "--warmup_steps", "2"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sorted(os.listdir(save_dir)) == ["ckpt_final.pt", "preview_final.png"]
+    hashes = [(hash_dir / f"rank{r}.sha256").read_text() for r in range(2)]
+    assert hashes[0] == hashes[1] and len(hashes[0]) == 64
+    assert result.stdout.count("saved ") == 1  # only rank 0 logs
+    ckpt = load_checkpoint(str(save_dir / "ckpt_final.pt"))
+    assert ckpt["step"] == 4 and ckpt["args"]["batch_size"] == 8
+    run_script("infer_cfg.py", "--ckpt", str(save_dir / "ckpt_final.pt"), "--output",
+               str(tmp_path / "d.png"), "--label", "all", "--steps", "2")
+
+
+def test_without_torchrun_says_how_to_start(tmp_path):
+    env = {k: "" for k in ()}
+    result = run_script("train_cfg_ddp.py", "--save_dir", str(tmp_path), check=False,
+                        env={"RANK": "", "WORLD_SIZE": ""} and env)
+    assert result.returncode != 0 and "torchrun --nproc_per_node" in result.stderr
+    assert "Traceback" not in result.stderr
