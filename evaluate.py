@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from cli import (ArgumentParser, UsageError, add_device_arg, add_precision_arg, autocast_dtype,
-                 nonnegative_float, positive_int, resolve_device, run_main)
+                 default_precision, nonnegative_float, positive_int, resolve_device, run_main)
 from data import load_mnist, resize_images, to_model_range
 
 DEFAULT_CLASSIFIER = os.path.join("checkpoints", "mnist_classifier.pt")
@@ -129,8 +129,8 @@ def train_classifier(images, labels, test_images=None, test_labels=None, epochs=
     """Train an MNISTClassifier; returns (model in eval mode, test accuracy or None).
 
     images: uint8 (N, 28, 28); labels: int64 (N,). AdamW with a one-cycle learning
-    rate, random shifts of up to 2 pixels, bf16 autocast (fast on CPUs with AVX-512
-    bf16 or AMX, and on GPUs). Same seed, same machine -> same model.
+    rate, random shifts of up to 2 pixels, bf16 autocast where the hardware runs bf16
+    natively (cli.default_precision), fp32 elsewhere. Same seed, same machine -> same model.
     """
     torch.manual_seed(seed)  # weight init and dropout
     gen = torch.Generator().manual_seed(seed)  # batch order and shifts
@@ -147,7 +147,7 @@ def train_classifier(images, labels, test_images=None, test_labels=None, epochs=
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps,
                                                 pct_start=0.15)
-    use_bf16 = device.type in ("cpu", "cuda")
+    use_bf16 = default_precision(device) == "bf16"
     # Once the loss is tiny, confident examples send gradients below float32's normal range;
     # CPU arithmetic on such denormals is 10-20x slower, so flush them to zero while training.
     flush = torch.set_flush_denormal(True)

@@ -1,17 +1,34 @@
 """End to end through the real entry points, on tiny synthetic MNIST and tiny models."""
 import os
+import sys
 
 import pytest
 import torch
 from PIL import Image
 
+import infer
+import infer_cfg
+import train
 from checkpoint import CheckpointError, load_checkpoint
+from cli import run_main
 from tests.conftest import TINY_MODEL, run_script
 
 TINY_A = ["--img_size", "16", "--patch_size", "4", *TINY_MODEL, "--batch_size", "16",
           "--subset", "48", "--warmup_steps", "2"]
 TINY_B = ["--img_size", "16", "--patch_size", "4", *TINY_MODEL, "--batch_size", "16",
           "--subset", "48", "--warmup_steps", "2"]
+
+
+def error_of(main, argv, monkeypatch, capsys):
+    """Run a script's main() as its `__main__` does, in this process; it must fail, and the
+    one-line message it ends with is returned (argparse's usage error, or run_main's)."""
+    monkeypatch.setattr(sys, "argv", ["script.py", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(main)
+    code = exit_info.value.code
+    message = code if isinstance(code, str) else capsys.readouterr().err.strip().splitlines()[-1]
+    assert code not in (0, None) and "\n" not in message.strip()
+    return message
 
 
 @pytest.fixture(scope="module")
@@ -45,22 +62,23 @@ def test_train_writes_a_plain_checkpoint_and_preview(run_a):
 
 def test_infer_single_image_grid_and_directory(run_a, tmp_path):
     ckpt = str(run_a / "ckpt_final.pt")
-    run_script("infer.py", "--ckpt", ckpt, "--output", str(tmp_path / "one.jpg"), "--steps", "3")
+    infer.main(["--ckpt", ckpt, "--output", str(tmp_path / "one.jpg"), "--steps", "3"])
     assert Image.open(tmp_path / "one.jpg").size == (16, 16)
-    run_script("infer.py", "--ckpt", ckpt, "--output", str(tmp_path / "grid.png"),
-               "--num_samples", "4", "--sampler", "ddpm", "--steps", "3")
+    infer.main(["--ckpt", ckpt, "--output", str(tmp_path / "grid.png"), "--num_samples", "4",
+                "--sampler", "ddpm", "--steps", "3"])
     assert Image.open(tmp_path / "grid.png").size == (2 + 2 * 18, 2 + 2 * 18)
-    run_script("infer.py", "--ckpt", ckpt, "--output", str(tmp_path / "samples") + "/",
-               "--num_samples", "3", "--steps", "2")
+    infer.main(["--ckpt", ckpt, "--output", str(tmp_path / "samples") + "/", "--num_samples", "3",
+                "--steps", "2"])
     assert sorted(os.listdir(tmp_path / "samples")) == ["000.png", "001.png", "002.png"]
 
 
 def test_infer_is_reproducible_with_a_seed(run_a, tmp_path):
     ckpt = str(run_a / "ckpt_final.pt")
-    for name in ("a.png", "b.png"):
-        run_script("infer.py", "--ckpt", ckpt, "--output", str(tmp_path / name), "--steps", "3",
-                   "--num_samples", "2", "--seed", "7")
+    for name, seed in (("a.png", "7"), ("b.png", "7"), ("c.png", "8")):
+        infer.main(["--ckpt", ckpt, "--output", str(tmp_path / name), "--steps", "3",
+                    "--num_samples", "2", "--seed", seed])
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    assert (tmp_path / "a.png").read_bytes() != (tmp_path / "c.png").read_bytes()
 
 
 def test_resume_continues_from_the_saved_step(run_a, tiny_mnist, tmp_path):
@@ -87,44 +105,44 @@ def test_resume_equals_an_uninterrupted_run(tiny_mnist, tmp_path):
             assert torch.allclose(tensor, resumed[key][name], atol=1e-6), (key, name)
 
 
-def test_corrupt_or_wrong_checkpoint_gives_one_line_error(run_a, run_b, tmp_path):
+def test_corrupt_or_wrong_checkpoint_gives_one_line_error(run_a, run_b, tmp_path, monkeypatch, capsys):
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes((run_a / "ckpt_final.pt").read_bytes()[:1000])
-    out = str(tmp_path / "x.png")
-    for args, message in (
-        (["infer.py", "--ckpt", str(corrupt)], "not a readable checkpoint"),
-        (["infer.py", "--ckpt", str(tmp_path / "missing.pt")], "not found"),
-        (["infer.py", "--ckpt", str(run_b / "ckpt_final.pt")], "model B"),
-        (["infer_cfg.py", "--label", "3", "--ckpt", str(run_a / "ckpt_final.pt")], "model A"),
+    out = ["--output", str(tmp_path / "x.png")]
+    for main, args, expected in (
+        (infer.main, ["--ckpt", str(corrupt)], "not a readable checkpoint"),
+        (infer.main, ["--ckpt", str(tmp_path / "missing.pt")], "not found"),
+        (infer.main, ["--ckpt", str(run_b / "ckpt_final.pt")], "model B"),
+        (infer_cfg.main, ["--label", "3", "--ckpt", str(run_a / "ckpt_final.pt")], "model A"),
     ):
-        result = run_script(*args, "--output", out, check=False)
-        assert result.returncode != 0
-        assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+        assert expected in error_of(main, [*args, *out], monkeypatch, capsys)
     with pytest.raises(CheckpointError):
         load_checkpoint(str(corrupt))
+    # and once through a real process: one line on stderr, no traceback
+    result = run_script("infer.py", "--ckpt", str(corrupt), *out, check=False)
+    assert result.returncode != 0 and "not a readable checkpoint" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("args,message", [
+@pytest.mark.parametrize("args,expected", [
     (["--num_samples", "0"], "positive integer"),
     (["--steps", "5000"], "more than the 1000 timesteps"),
     (["--sampler", "euler"], "invalid choice"),
+    (["--eta", "0.5", "--sampler", "dpm++2m"], "DDIM option"),
     (["--output", "/nonexistent/dir/x.png"], "does not exist"),
     (["--output", "x.unknownext"], "image format"),
 ])
-def test_bad_inference_options(run_a, args, message, tmp_path):
-    base = {"--output": str(tmp_path / "x.png")}
+def test_bad_inference_options(run_a, args, expected, tmp_path, monkeypatch, capsys):
     if "--output" not in args:
-        args = [*args, "--output", base["--output"]]
-    result = run_script("infer.py", "--ckpt", str(run_a / "ckpt_final.pt"), *args, check=False)
-    assert result.returncode != 0 and message in result.stderr
-    assert "Traceback" not in result.stderr
+        args = [*args, "--output", str(tmp_path / "x.png")]
+    assert expected in error_of(infer.main, ["--ckpt", str(run_a / "ckpt_final.pt"), *args],
+                                monkeypatch, capsys)
 
 
-def test_bad_model_shape_is_one_line(tiny_mnist, tmp_path):
-    result = run_script("train.py", "--data_dir", tiny_mnist, "--save_dir", str(tmp_path),
-                        "--img_size", "30", "--patch_size", "4", check=False)
-    assert result.returncode != 0 and "divisible by patch_size" in result.stderr
-    assert "Traceback" not in result.stderr
+def test_bad_model_shape_is_one_line(tiny_mnist, tmp_path, monkeypatch, capsys):
+    message = error_of(train.main, ["--data_dir", tiny_mnist, "--save_dir", str(tmp_path),
+                                    "--img_size", "30", "--patch_size", "4"], monkeypatch, capsys)
+    assert "divisible by patch_size" in message
 
 
 def test_missing_mnist_is_one_line(tmp_path):
@@ -144,17 +162,25 @@ def test_cfg_train_and_infer_label_and_grid(run_b, tmp_path):
     run_script("infer_cfg.py", "--ckpt", ckpt, "--output", str(tmp_path / "four.jpg"),
                "--label", "4", "--steps", "3")
     assert Image.open(tmp_path / "four.jpg").size == (16, 16)
-    run_script("infer_cfg.py", "--ckpt", ckpt, "--output", str(tmp_path / "all.png"),
-               "--label", "all", "--num_samples", "2", "--steps", "3")
+    infer_cfg.main(["--ckpt", ckpt, "--output", str(tmp_path / "all.png"), "--label", "all",
+                    "--num_samples", "2", "--steps", "3"])
     assert Image.open(tmp_path / "all.png").size == (2 + 2 * 18, 2 + 10 * 18)
-    run_script("infer_cfg.py", "--ckpt", ckpt, "--output", str(tmp_path / "fours") + "/",
-               "--label", "4", "--num_samples", "2", "--steps", "2")
+    infer_cfg.main(["--ckpt", ckpt, "--output", str(tmp_path / "fours") + "/", "--label", "4",
+                    "--num_samples", "2", "--steps", "2"])
     assert sorted(os.listdir(tmp_path / "fours")) == ["4_000.png", "4_001.png"]
 
 
 @pytest.mark.parametrize("label", ["10", "-1", "four", "3.5"])
-def test_bad_label_is_one_line(run_b, label, tmp_path):
-    result = run_script("infer_cfg.py", "--ckpt", str(run_b / "ckpt_final.pt"), "--output",
-                        str(tmp_path / "x.png"), "--label", label, check=False)
-    assert result.returncode != 0 and "0-9" in result.stderr
-    assert "Traceback" not in result.stderr
+def test_bad_label_is_one_line(run_b, label, tmp_path, monkeypatch, capsys):
+    message = error_of(infer_cfg.main, ["--ckpt", str(run_b / "ckpt_final.pt"), "--output",
+                                        str(tmp_path / "x.png"), "--label", label], monkeypatch, capsys)
+    assert "0-9" in message
+
+
+def test_figures_guidance_sweep_and_trajectory(run_b, tmp_path):
+    import figures
+    figures.main(["--ckpt", str(run_b / "ckpt_final.pt"), "--outdir", str(tmp_path), "--steps", "4",
+                  "--scales", "0,2", "--trajectory_columns", "3", "--trajectory_samples", "2"])
+    assert Image.open(tmp_path / "guidance_sweep.png").size == (2 + 2 * 18, 2 + 10 * 18)
+    strip = Image.open(tmp_path / "trajectory.png")
+    assert strip.size == (2 + 3 * 18, 2 + 2 * 2 * 18)  # 3 timesteps; x_t and x0_hat rows for 2 samples

@@ -1,0 +1,247 @@
+"""Speed benchmark: training and sampling throughput of models A and B at their default sizes.
+
+    python bench.py [--quick] [--json OUT] [--device DEVICE] [--precisions fp32,bf16]
+
+Prints, per model and precision: training images/s (forward, MSE, backward, AdamW step,
+through training.training_step), inference images/s (one forward pass), the achieved
+GFLOP/s and its share of the measured matmul peak; the wall time of drawing 100 guided
+digits with model B per sampler; the cost of the input pipeline relative to a step; and
+the attention implementations (fused SDPA vs plain softmax(QK^T)V) at both models' shapes.
+
+FLOPs are counted analytically from the shapes of every matmul-like op (linear, bmm,
+attention) by torch.utils.flop_counter.FlopCounterMode on one real training step
+(forward + backward), i.e. 2*M*N*K per (M, K) x (K, N) product; element-wise work is not
+counted. The weights are random: speed does not depend on them.
+"""
+import argparse
+import json
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import dit
+from cli import ArgumentParser, add_device_arg, default_precision, resolve_device, run_main
+from data import make_loader, to_model_range
+from dit import DiT
+from dit_cfg import ConditionalDiT
+from sampling import generate_images
+from scheduler import NoiseScheduler
+from training import training_step
+
+# The shapes of issue 5: both models at their default sizes and the stated batches.
+MODELS = {
+    "A": dict(model_class=DiT, config=dict(img_size=64, patch_size=2), batch=16),
+    "B": dict(model_class=ConditionalDiT, config=dict(img_size=32, patch_size=4), batch=128),
+}
+SAMPLING_RUNS = [("ddpm", 1000), ("ddim", 50), ("ddim", 20), ("dpm++2m", 20), ("dpm++2m", 10)]
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seconds_per_call(fn, device, iters, warmup=2):
+    """Median wall time of fn() over `iters` calls, after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def matmul_peak(dtype, device, n=2048, iters=5):
+    """GFLOP/s of an n x n matmul: the practical peak the steps are compared with."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    seconds = seconds_per_call(lambda: a @ a, device, iters, warmup=1)
+    return 2 * n**3 / seconds / 1e9
+
+
+def make_step(spec, device, amp_dtype):
+    """A training step closure on random data, and the model."""
+    torch.manual_seed(0)
+    model = spec["model_class"](**spec["config"]).to(device).train()
+    scheduler = NoiseScheduler(device=device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batch = spec["batch"]
+    x0 = torch.rand(batch, model.channels, model.img_size, model.img_size, device=device) * 2 - 1
+    labels = torch.randint(0, 10, (batch,), device=device) if isinstance(model, ConditionalDiT) else None
+
+    def step():
+        training_step(model, scheduler, optimizer, x0, labels, amp_dtype=amp_dtype, grad_clip=1.0)
+
+    def forward():
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16,
+                                                     enabled=amp_dtype is not None):
+            t = torch.randint(0, 1000, (batch,), device=device)
+            model(x0, t) if labels is None else model(x0, t, labels)
+
+    return model, step, forward
+
+
+def count_flops(fn):
+    """FLOPs of one fn() call. The math SDPA backend is forced while counting: it is built
+    from matmuls that FlopCounterMode counts, while the fused CPU kernel is not counted."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def bench_training(name, spec, device, precision, iters, peaks):
+    amp_dtype = torch.bfloat16 if precision == "bf16" else None
+    model, step, forward = make_step(spec, device, amp_dtype)
+    batch = spec["batch"]
+    step_flops = count_flops(step)
+    step_s = seconds_per_call(step, device, iters)
+    forward_s = seconds_per_call(forward, device, iters)
+    gflops = step_flops / step_s / 1e9
+    return {
+        "model": name, "precision": precision, "batch": batch,
+        "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+        "train_img_s": round(batch / step_s, 1),
+        "infer_img_s": round(batch / forward_s, 1),
+        "step_gflop": round(step_flops / 1e9, 1),
+        "train_gflop_s": round(gflops, 1),
+        "share_of_peak": round(gflops / peaks[precision], 3),
+    }
+
+
+def bench_sampling(device, precision, quick):
+    """Wall time of 100 guided digits (10 per label) with model B at its default size."""
+    amp_dtype = torch.bfloat16 if precision == "bf16" else None
+    torch.manual_seed(0)
+    model = ConditionalDiT().to(device).eval()
+    scheduler = NoiseScheduler(device=device)
+    labels = torch.arange(10).repeat_interleave(10)
+    rows = []
+    for sampler, steps in SAMPLING_RUNS:
+        def run(n_steps=steps):
+            return generate_images(model, scheduler, 100, labels=labels, guidance_scale=2.0,
+                                   sampler=sampler, steps=n_steps, device=device,
+                                   amp_dtype=amp_dtype)
+        if sampler == "ddpm" and (quick or device.type == "cpu"):
+            # 1000 model calls: measured as 50 calls of the same loop, scaled to 1000
+            seconds = seconds_per_call(lambda: run(50), device, iters=1, warmup=0) * steps / 50
+            measured = "estimated from 50 steps"
+        else:
+            seconds = seconds_per_call(run, device, iters=1, warmup=1)
+            measured = "measured"
+        rows.append({"sampler": sampler, "steps": steps, "precision": precision,
+                     "seconds_100_digits": round(seconds, 2), "how": measured})
+    return rows
+
+
+def bench_input_pipeline(device, step_seconds, batch=128, img_size=32, iters=50):
+    """Drawing and converting one batch from the in-memory uint8 set, vs one training step."""
+    images = torch.randint(0, 256, (60000, 1, img_size, img_size), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (60000,))
+    if device.type == "cuda":
+        images, labels = images.to(device), labels.to(device)
+    loader = make_loader(images, labels, batch, seed=0)
+    batches = iter(loader)
+
+    def draw():
+        x, y = next(batches)
+        to_model_range(x, device)
+        y.to(device)
+
+    seconds = seconds_per_call(draw, device, iters)
+    return {"batch_s": seconds, "share_of_step": round(seconds / step_seconds, 4)}
+
+
+def bench_attention(device, precision, iters):
+    """Forward + backward of one attention call at both models' shapes, fused vs plain."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    rows = []
+    for name, (batch, heads, tokens, head_dim) in {"A": (16, 8, 1024, 32), "B": (128, 8, 64, 32)}.items():
+        q, k, v = (torch.randn(batch, heads, tokens, head_dim, device=device, dtype=dtype,
+                               requires_grad=True) for _ in range(3))
+
+        def plain():
+            out = ((q * head_dim ** -0.5) @ k.transpose(-2, -1)).softmax(-1) @ v
+            out.sum().backward()
+
+        def fused():
+            F.scaled_dot_product_attention(q, k, v).sum().backward()
+
+        def chosen():
+            dit.attention(q, k, v).sum().backward()
+
+        rows.append({"model": name, "tokens": tokens, "precision": precision,
+                     "plain_ms": round(1e3 * seconds_per_call(plain, device, iters), 2),
+                     "sdpa_ms": round(1e3 * seconds_per_call(fused, device, iters), 2),
+                     "dit_attention_ms": round(1e3 * seconds_per_call(chosen, device, iters), 2)})
+    return rows
+
+
+def print_table(rows):
+    if not rows:
+        return
+    keys = list(rows[0])
+    widths = [max(len(k), *(len(str(r[k])) for r in rows)) for k in keys]
+    print("  ".join(k.ljust(w) for k, w in zip(keys, widths)))
+    for r in rows:
+        print("  ".join(str(r[k]).ljust(w) for k, w in zip(keys, widths)))
+    print()
+
+
+def main(argv=None):
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (under 2 minutes on a CPU)")
+    parser.add_argument("--json", default=None, metavar="OUT", help="also write the figures to this JSON file")
+    parser.add_argument("--precisions", default=None,
+                        help="comma-separated, e.g. fp32,bf16 (default: fp32, plus bf16 where the "
+                             "hardware runs it natively; emulated bf16 is too slow to be worth timing)")
+    add_device_arg(parser)
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    precisions = (args.precisions.split(",") if args.precisions else
+                  ["fp32"] + (["bf16"] if default_precision(device) == "bf16" else []))
+    iters = 3 if args.quick else 10
+    torch.set_flush_denormal(True)
+
+    hardware = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {device} ({hardware}), precisions {precisions}\n")
+    peaks = {p: matmul_peak(torch.bfloat16 if p == "bf16" else torch.float32, device) for p in precisions}
+    print("matmul peak (2048^3): " + ", ".join(f"{p} {v:.0f} GFLOP/s" for p, v in peaks.items()) + "\n")
+
+    training = [bench_training(name, spec, device, p, iters, peaks)
+                for name, spec in MODELS.items() for p in precisions]
+    print("training step (forward + MSE + backward + AdamW) and inference forward")
+    print_table(training)
+
+    attention = [row for p in precisions for row in bench_attention(device, p, iters)]
+    print("attention, forward + backward of one call (batch x 8 heads x tokens x 32)")
+    print_table(attention)
+
+    b_fp32 = next(r for r in training if r["model"] == "B" and r["precision"] == precisions[-1])
+    pipeline = bench_input_pipeline(device, step_seconds=b_fp32["batch"] / b_fp32["train_img_s"])
+    print(f"input pipeline: {1e3 * pipeline['batch_s']:.2f} ms per batch of 128 "
+          f"= {100 * pipeline['share_of_step']:.2f}% of model B's {precisions[-1]} training step\n")
+
+    sampling = []
+    for p in precisions[-1:]:  # the fastest precision this machine has
+        sampling += bench_sampling(device, p, args.quick)
+    print("sampling 100 guided digits with model B (10 per digit, 32x32, doubled CFG batch)")
+    print_table(sampling)
+
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"torch": torch.__version__, "device": str(device), "hardware": hardware,
+                       "matmul_peak_gflop_s": peaks, "training": training, "attention": attention,
+                       "input_pipeline": pipeline, "sampling": sampling}, f, indent=2)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    run_main(main)
