@@ -110,20 +110,25 @@ class UsageError(ValueError):
     """Options that do not fit together (found after parsing, e.g. once a checkpoint is read)."""
 
 
+def add_sampler_args(parser):
+    """--sampler and --steps (infer.py, infer_cfg.py, evaluate.py)."""
+    from sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
+    parser.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER,
+                        help=f"default: {DEFAULT_SAMPLER}")
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help="denoising steps (default: all T for ddpm, "
+                             f"{DEFAULT_STEPS['ddim']} for ddim, {DEFAULT_STEPS['dpm++2m']} for dpm++2m)")
+
+
 def add_sampling_args(parser):
     """The options of infer.py and infer_cfg.py."""
-    from sampling import SAMPLERS, DEFAULT_SAMPLER
     parser.add_argument("--ckpt", required=True, help="checkpoint written by the training script")
     parser.add_argument("--output", required=True,
                         help="image file (format from its extension; a grid when there are "
                              "several samples), or a directory (existing, or ending in /) that "
                              "receives one PNG per sample")
     parser.add_argument("--num_samples", type=positive_int, default=1)
-    parser.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER,
-                        help=f"default: {DEFAULT_SAMPLER}")
-    parser.add_argument("--steps", type=positive_int, default=None,
-                        help="denoising steps (default: all T for ddpm, 50 for ddim, "
-                             "20 for dpm++2m)")
+    add_sampler_args(parser)
     parser.add_argument("--eta", type=nonnegative_float, default=0.0,
                         help="DDIM noise: 0 deterministic, 1 ancestral (ddim only)")
     parser.add_argument("--seed", type=int, default=0)
@@ -132,6 +137,18 @@ def add_sampling_args(parser):
     parser.add_argument("--no_ema", action="store_true", help="use the raw weights, not the EMA")
     add_precision_arg(parser)
     add_device_arg(parser)
+
+
+def load_for_sampling(args, expected_kind):
+    """Check --output, pick the device and load the checkpoint's EMA (or raw) weights:
+    the common start of infer.py and infer_cfg.py. Returns (model, scheduler, device)."""
+    from checkpoint import load_model
+    from images import check_output
+    check_output(args.output)
+    device = resolve_device(args.device)
+    model, scheduler, _ = load_model(args.ckpt, device, use_ema=not args.no_ema,
+                                     expected_kind=expected_kind)
+    return model, scheduler, device
 
 
 def sampling_kwargs(args, scheduler, device):

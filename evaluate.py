@@ -37,15 +37,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cli import (ArgumentParser, UsageError, add_device_arg, add_precision_arg, autocast_dtype,
-                 default_precision, nonnegative_float, positive_int, resolve_device, run_main)
+from cli import (ArgumentParser, UsageError, add_device_arg, add_precision_arg, add_sampler_args,
+                 autocast_dtype, default_precision, nonnegative_float, positive_int, resolve_device, run_main)
 from data import load_mnist, resize_images, to_model_range
 
 DEFAULT_CLASSIFIER = os.path.join("checkpoints", "mnist_classifier.pt")
 CLASSIFIER_FORMAT = "simplest-diffusion/mnist-classifier/1"
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # pixel statistics of the training set, p in [0, 1]
 # The cached classifier's training run: 8 epochs take about 4 minutes on 2 CPU cores (bf16).
-CLASSIFIER_RECIPE = dict(epochs=8, batch_size=128, lr=2e-3, seed=0)
+CLASSIFIER_RECIPE = dict(epochs=3, batch_size=128, lr=2e-3, seed=0)
 
 
 class ClassifierError(RuntimeError):
@@ -319,7 +319,7 @@ def guidance_list(text):
 
 
 def build_parser():
-    from sampling import DEFAULT_GUIDANCE_SCALE, DEFAULT_SAMPLER, SAMPLERS
+    from sampling import DEFAULT_GUIDANCE_SCALE
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", help="diffusion checkpoint written by train.py or train_cfg.py")
     parser.add_argument("--num_samples", type=positive_int, default=1000,
@@ -330,11 +330,7 @@ def build_parser():
                                f"(default: {DEFAULT_GUIDANCE_SCALE})")
     guidance.add_argument("--guidance_sweep", type=guidance_list, default=None, metavar="S1,S2,...",
                           help="evaluate several guidance scales, one row each, e.g. 0,1,2,3,5")
-    parser.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER,
-                        help=f"default: {DEFAULT_SAMPLER}")
-    parser.add_argument("--steps", type=positive_int, default=None,
-                        help="denoising steps (default: all T for ddpm, 50 for ddim, "
-                             "20 for dpm++2m)")
+    add_sampler_args(parser)
     parser.add_argument("--seed", type=int, default=0,
                         help="seeds the samples and the choice of the floor's real images")
     parser.add_argument("--batch_size", type=positive_int, default=256,

@@ -6,10 +6,9 @@
 """
 import math
 
-from checkpoint import load_model
-from cli import ArgumentParser, add_sampling_args, resolve_device, run_main, sampling_kwargs
+from cli import ArgumentParser, add_sampling_args, load_for_sampling, run_main, sampling_kwargs
 from dit import DiT
-from images import check_output, save_samples
+from images import save_samples
 from sampling import generate_images
 
 
@@ -21,10 +20,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    check_output(args.output)
-    device = resolve_device(args.device)
-    model, scheduler, _ = load_model(args.ckpt, device, use_ema=not args.no_ema,
-                                     expected_kind=DiT.kind)
+    model, scheduler, device = load_for_sampling(args, expected_kind=DiT.kind)
     images = generate_images(model, scheduler, args.num_samples, device=device,
                              **sampling_kwargs(args, scheduler, device))
     width = max(3, len(str(args.num_samples - 1)))

@@ -9,10 +9,9 @@ import math
 
 import torch
 
-from checkpoint import load_model
-from cli import ArgumentParser, add_sampling_args, resolve_device, run_main, sampling_kwargs
+from cli import ArgumentParser, add_sampling_args, load_for_sampling, run_main, sampling_kwargs
 from dit_cfg import ConditionalDiT
-from images import check_output, save_samples
+from images import save_samples
 from sampling import DEFAULT_GUIDANCE_SCALE, generate_images
 
 DIGITS = range(10)
@@ -45,10 +44,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    check_output(args.output)
-    device = resolve_device(args.device)
-    model, scheduler, _ = load_model(args.ckpt, device, use_ema=not args.no_ema,
-                                     expected_kind=ConditionalDiT.kind)
+    model, scheduler, device = load_for_sampling(args, expected_kind=ConditionalDiT.kind)
     digits = list(DIGITS) if args.label == "all" else [args.label]
     labels = torch.tensor(digits).repeat_interleave(args.num_samples)  # (len(digits) * N,)
     images = generate_images(model, scheduler, len(labels), labels=labels,

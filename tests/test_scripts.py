@@ -13,10 +13,9 @@ from checkpoint import CheckpointError, load_checkpoint
 from cli import run_main
 from tests.conftest import TINY_MODEL, run_script
 
-TINY_A = ["--img_size", "16", "--patch_size", "4", *TINY_MODEL, "--batch_size", "16",
-          "--subset", "48", "--warmup_steps", "2"]
-TINY_B = ["--img_size", "16", "--patch_size", "4", *TINY_MODEL, "--batch_size", "16",
-          "--subset", "48", "--warmup_steps", "2"]
+# the same tiny options serve train.py and train_cfg.py
+TINY_RUN = ["--img_size", "16", "--patch_size", "4", *TINY_MODEL, "--batch_size", "16",
+            "--subset", "48", "--warmup_steps", "2"]
 
 
 def error_of(main, argv, monkeypatch, capsys):
@@ -31,20 +30,21 @@ def error_of(main, argv, monkeypatch, capsys):
     return message
 
 
+def tiny_training_run(script, tiny_mnist, save_dir):
+    """4 steps of `script` on the tiny data, through the real entry point; returns save_dir."""
+    run_script(script, "--data_dir", tiny_mnist, "--save_dir", str(save_dir), "--max_steps", "4",
+               *TINY_RUN)
+    return save_dir
+
+
 @pytest.fixture(scope="module")
 def run_a(tiny_mnist, tmp_path_factory):
-    save_dir = tmp_path_factory.mktemp("run_a")
-    run_script("train.py", "--data_dir", tiny_mnist, "--save_dir", str(save_dir),
-               "--max_steps", "4", *TINY_A)
-    return save_dir
+    return tiny_training_run("train.py", tiny_mnist, tmp_path_factory.mktemp("run_a"))
 
 
 @pytest.fixture(scope="module")
 def run_b(tiny_mnist, tmp_path_factory):
-    save_dir = tmp_path_factory.mktemp("run_b")
-    run_script("train_cfg.py", "--data_dir", tiny_mnist, "--save_dir", str(save_dir),
-               "--max_steps", "4", *TINY_B)
-    return save_dir
+    return tiny_training_run("train_cfg.py", tiny_mnist, tmp_path_factory.mktemp("run_b"))
 
 
 def test_train_writes_a_plain_checkpoint_and_preview(run_a):
@@ -83,7 +83,7 @@ def test_infer_is_reproducible_with_a_seed(run_a, tmp_path):
 
 def test_resume_continues_from_the_saved_step(run_a, tiny_mnist, tmp_path):
     run_script("train.py", "--data_dir", tiny_mnist, "--save_dir", str(tmp_path),
-               "--resume", str(run_a / "ckpt_final.pt"), "--max_steps", "6", *TINY_A)
+               "--resume", str(run_a / "ckpt_final.pt"), "--max_steps", "6", *TINY_RUN)
     ckpt = load_checkpoint(str(tmp_path / "ckpt_final.pt"))
     first = load_checkpoint(str(run_a / "ckpt_final.pt"))
     assert ckpt["step"] == 6 and ckpt["ema_updates"] == 6
@@ -93,7 +93,7 @@ def test_resume_continues_from_the_saved_step(run_a, tiny_mnist, tmp_path):
 
 def test_resume_equals_an_uninterrupted_run(tiny_mnist, tmp_path):
     """4 steps, stop, resume to 7 == 7 steps straight (same data order, noise and EMA)."""
-    common = ["--data_dir", tiny_mnist, *TINY_A, "--precision", "fp32"]
+    common = ["--data_dir", tiny_mnist, *TINY_RUN, "--precision", "fp32"]
     run_script("train.py", *common, "--save_dir", str(tmp_path / "straight"), "--max_steps", "7")
     run_script("train.py", *common, "--save_dir", str(tmp_path / "part"), "--max_steps", "4")
     run_script("train.py", *common, "--save_dir", str(tmp_path / "part"), "--max_steps", "7",
@@ -147,7 +147,7 @@ def test_bad_model_shape_is_one_line(tiny_mnist, tmp_path, monkeypatch, capsys):
 
 def test_missing_mnist_is_one_line(tmp_path):
     result = run_script("train.py", "--data_dir", str(tmp_path / "empty"), "--save_dir",
-                        str(tmp_path), *TINY_A, check=False,
+                        str(tmp_path), *TINY_RUN, check=False,
                         env={"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"})
     assert result.returncode != 0
     assert "MNIST/raw" in result.stderr and "--data_dir" in result.stderr
