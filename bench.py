@@ -228,8 +228,8 @@ def main(argv=None):
     print("attention, forward + backward of one call (batch x 8 heads x tokens x 32)")
     print_table(attention)
 
-    b_fp32 = next(r for r in training if r["model"] == "B" and r["precision"] == precisions[-1])
-    pipeline = bench_input_pipeline(device, step_seconds=b_fp32["batch"] / b_fp32["train_img_s"])
+    b_step = next(r for r in training if r["model"] == "B" and r["precision"] == precisions[-1])
+    pipeline = bench_input_pipeline(device, step_seconds=b_step["batch"] / b_step["train_img_s"])
     print(f"input pipeline: {1e3 * pipeline['batch_s']:.2f} ms per batch of 128 "
           f"= {100 * pipeline['share_of_step']:.2f}% of model B's {precisions[-1]} training step\n")
 

@@ -325,10 +325,14 @@ def train(args, model_class, model_config, preview_labels=None, num_preview=16, 
                     bar.set_postfix(loss=f"{dist.mean(loss_sum).item() / seen:.4f}",
                                     img_s=f"{seen * args.batch_size * dist.world_size / elapsed:.0f}")
                 stopped = stop.requested
-                if dist.world_size > 1:  # one rank's signal stops them all at the same step
-                    flag = torch.tensor(float(stopped), device=device)
-                    torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
-                    stopped = bool(flag.item())
+                if dist.world_size > 1:
+                    # One rank's signal stops them all at the same step. Ranks compare notes
+                    # every 10 steps only, since reading the flag back syncs host and GPU.
+                    stopped = False
+                    if step % 10 == 0:
+                        flag = torch.tensor(float(stop.requested), device=device)
+                        torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
+                        stopped = bool(flag.item())
                 if stopped or (args.max_steps and step >= args.max_steps):
                     break
             bar.close()
