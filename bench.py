@@ -58,10 +58,12 @@ def seconds_per_call(fn, device, iters, warmup=2):
     return sorted(times)[(len(times) - 1) // 2]  # the median (the faster of two)
 
 
-def matmul_peak(dtype, device, n=2048, iters=5):
-    """GFLOP/s of an n x n matmul: the practical peak the steps are compared with."""
+def matmul_peak(dtype, device, n=2048, iters=10):
+    """GFLOP/s of the fastest of `iters` n x n matmuls: the practical peak the steps are
+    compared with (the best run, since a peak is what the hardware can do at all)."""
     a = torch.randn(n, n, device=device, dtype=dtype)
-    seconds = seconds_per_call(lambda: a @ a, device, iters, warmup=1)
+    a @ a
+    seconds = min(seconds_per_call(lambda: a @ a, device, iters=1, warmup=0) for _ in range(iters))
     return 2 * n**3 / seconds / 1e9
 
 
@@ -112,6 +114,46 @@ def bench_training(name, spec, device, precision, iters, peaks):
         "train_gflop_s": round(gflops, 1),
         "share_of_peak": round(gflops / peaks[precision], 3),
     }
+
+
+def diffusers_peers(device):
+    """diffusers' models at the same shapes (--diffusers; `pip install diffusers` first):
+    DiTTransformer2DModel for A, PixArtTransformer2DModel (DiT + cross-attention) for B."""
+    from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
+    common = dict(num_attention_heads=8, attention_head_dim=32, in_channels=1, out_channels=1, num_layers=6)
+    peer_a = DiTTransformer2DModel(**common, sample_size=64, patch_size=2).to(device)
+    peer_b = PixArtTransformer2DModel(**common, sample_size=32, patch_size=4, cross_attention_dim=256).to(device)
+
+    def forward_a(x, t):
+        return peer_a(x, timestep=t, class_labels=torch.zeros_like(t)).sample
+
+    def forward_b(x, t):
+        context = torch.randn(x.shape[0], 4, 256, device=device)  # 4 condition tokens, like ours
+        return peer_b(x, encoder_hidden_states=context, timestep=t,
+                      added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+
+    return {"A": (peer_a, forward_a), "B": (peer_b, forward_b)}
+
+
+def bench_peer(name, peer, forward, device, precision, iters):
+    """The same training step as training.training_step, on a diffusers model."""
+    spec = MODELS[name]
+    batch, size = spec["batch"], spec["config"]["img_size"]
+    optimizer = torch.optim.AdamW(peer.parameters(), lr=1e-4)
+    x0 = torch.rand(batch, 1, size, size, device=device) * 2 - 1
+
+    def step():
+        t = torch.randint(0, 1000, (batch,), device=device)
+        noise = torch.randn_like(x0)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            pred = forward(x0 + noise, t)  # the noising itself does not matter for speed
+        loss = F.mse_loss(pred.float(), noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    step_s = seconds_per_call(step, device, iters, warmup=1)
+    return {"model": name, "precision": precision, "diffusers_img_s": round(batch / step_s, 1)}
 
 
 def bench_sampling(device, precision, quick):
@@ -200,8 +242,13 @@ def print_table(rows):
 
 def main(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions and estimated sampling times (4 minutes on 2 AVX2 cores)")
-    parser.add_argument("--json", default=None, metavar="OUT", help="also write the figures to this JSON file")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer repetitions and estimated sampling times (4 minutes on 2 AVX2 cores)")
+    parser.add_argument("--json", default=None, metavar="OUT",
+                        help="also write the figures to this JSON file")
+    parser.add_argument("--diffusers", action="store_true",
+                        help="also time diffusers' DiT / PixArt models at the same shapes "
+                             "(needs `pip install diffusers`; not a requirement of this repo)")
     parser.add_argument("--precisions", default=None,
                         help="comma-separated, e.g. fp32,bf16 (default: fp32, plus bf16 where the "
                              "hardware runs it natively; emulated bf16 is too slow to be worth timing)")
@@ -224,6 +271,18 @@ def main(argv=None):
     print("training step (forward + MSE + backward + AdamW) and inference forward")
     print_table(training)
 
+    peers = []
+    if args.diffusers:
+        for name, (peer, forward) in diffusers_peers(device).items():
+            for p in precisions:
+                row = bench_peer(name, peer, forward, device, p, iters)
+                ours = next(r for r in training if r["model"] == name and r["precision"] == p)
+                row.update(ours_img_s=ours["train_img_s"],
+                           speedup=round(ours["train_img_s"] / row["diffusers_img_s"], 2))
+                peers.append(row)
+        print("training step vs diffusers at the same shapes")
+        print_table(peers)
+
     attention = [row for p in precisions for row in bench_attention(device, p, iters)]
     print("attention, forward + backward of one call (batch x 8 heads x tokens x 32)")
     print_table(attention)
@@ -242,7 +301,7 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"torch": torch.__version__, "device": str(device), "hardware": hardware,
-                       "matmul_peak_gflop_s": peaks, "training": training, "attention": attention,
+                       "matmul_peak_gflop_s": peaks, "training": training, "diffusers": peers, "attention": attention,
                        "input_pipeline": pipeline, "sampling": sampling}, f, indent=2)
         print(f"wrote {args.json}")
 
