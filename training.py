@@ -202,10 +202,10 @@ def build_checkpoint(kind, model, ema, optimizer, scheduler, args, epoch, step, 
 
 
 def save_preview(ema_model, scheduler, preview_labels, num_preview, path, device, amp_dtype):
-    """A grid of samples from the EMA weights (one row per digit for model B)."""
-    images = generate_images(ema_model, scheduler, num_preview, labels=preview_labels,
-                             sampler="dpm++2m", steps=20, seed=0, device=device,
-                             amp_dtype=amp_dtype, progress=False)
+    """A grid of samples from the EMA weights (one row per digit for model B, guided), drawn
+    with infer.py's default sampler and guidance scale."""
+    images = generate_images(ema_model, scheduler, num_preview, labels=preview_labels, seed=0,
+                             device=device, amp_dtype=amp_dtype, progress=False)
     nrow = num_preview // 10 if preview_labels is not None else int(num_preview ** 0.5)
     save_grid(images, path, nrow=nrow)
 
