@@ -130,10 +130,10 @@ def sample(
 # From a trained model to images: what infer.py, infer_cfg.py, evaluate.py and the
 # training previews call.
 
-# DPM-Solver++(2M) with 20 steps matched DDIM with 50 on the CPU recipe's checkpoint
+# DPM-Solver++(2M) with 20 steps matched DDIM with 50 on a CPU-recipe checkpoint (28x28)
 # (500 digits at s=4: 73.0% vs 73.8% accuracy, MNIST-FID 33.1 vs 32.9) in 67 s instead of 172 s.
 DEFAULT_SAMPLER = "dpm++2m"
-# Chosen by `evaluate.py --guidance_sweep` on the CPU recipe's checkpoint (README "Results"):
+# Chosen by `evaluate.py --guidance_sweep` on the same checkpoint (README "Results"):
 # per-digit accuracy rose from 30% at s=1 to 79% at s=6 while MNIST-FID flattened from s=4 on
 # (33.2, 32.5, 32.4 at s=4, 5, 6). Well-trained models usually peak lower: sweep your own.
 DEFAULT_GUIDANCE_SCALE = 5.0
