@@ -58,19 +58,28 @@ def seconds_per_call(fn, device, iters, warmup=2):
     return sorted(times)[(len(times) - 1) // 2]  # the median (the faster of two)
 
 
-def matmul_peak(dtype, device, n=2048, iters=10):
+def matmul_size(device):
+    """n of the n x n x n peak matmul: 2048 keeps a CPU busy for a while; a GPU needs 8192
+    before launch overhead stops mattering."""
+    return 8192 if device.type == "cuda" else 2048
+
+
+def matmul_peak(dtype, device, iters=10):
     """GFLOP/s of the fastest of `iters` n x n matmuls: the practical peak the steps are
     compared with (the best run, since a peak is what the hardware can do at all)."""
+    n = matmul_size(device)
     a = torch.randn(n, n, device=device, dtype=dtype)
     a @ a
     seconds = min(seconds_per_call(lambda: a @ a, device, iters=1, warmup=0) for _ in range(iters))
     return 2 * n**3 / seconds / 1e9
 
 
-def make_step(spec, device, amp_dtype):
-    """A training step closure on random data, and the model."""
+def make_step(spec, device, amp_dtype, compile=False):
+    """A training step closure on random data, and the model (torch.compile'd with compile=True,
+    as train.py --compile does)."""
     torch.manual_seed(0)
     model = spec["model_class"](**spec["config"]).to(device).train()
+    step_model = torch.compile(model) if compile else model
     scheduler = NoiseScheduler(device=device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     batch = spec["batch"]
@@ -78,7 +87,7 @@ def make_step(spec, device, amp_dtype):
     labels = torch.randint(0, 10, (batch,), device=device) if isinstance(model, ConditionalDiT) else None
 
     def step():
-        training_step(model, scheduler, optimizer, x0, labels, amp_dtype=amp_dtype, grad_clip=1.0)
+        training_step(step_model, scheduler, optimizer, x0, labels, amp_dtype=amp_dtype, grad_clip=1.0)
 
     def forward():
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16,
@@ -114,6 +123,18 @@ def bench_training(name, spec, device, precision, iters, peaks):
         "train_gflop_s": round(gflops, 1),
         "share_of_peak": round(gflops / peaks[precision], 3),
     }
+
+
+def bench_compiled(name, spec, device, precision, iters):
+    """Training images/s with the model under torch.compile (the first calls compile it)."""
+    _, step, _ = make_step(spec, device, torch.bfloat16 if precision == "bf16" else None, compile=True)
+    compile_start = time.perf_counter()
+    step()
+    synchronize(device)
+    compile_s = time.perf_counter() - compile_start
+    step_s = seconds_per_call(step, device, iters, warmup=2)
+    return {"model": name, "precision": precision, "compile_s": round(compile_s, 1),
+            "compiled_img_s": round(spec["batch"] / step_s, 1)}
 
 
 def diffusers_peers(device):
@@ -252,6 +273,9 @@ def main(argv=None):
     parser.add_argument("--precisions", default=None,
                         help="comma-separated, e.g. fp32,bf16 (default: fp32, plus bf16 where the "
                              "hardware runs it natively; emulated bf16 is too slow to be worth timing)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the training step under torch.compile, in the fastest precision "
+                             "(compiling takes a minute or more per model)")
     add_device_arg(parser)
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
@@ -264,7 +288,7 @@ def main(argv=None):
                 else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     print(f"torch {torch.__version__}, {device} ({hardware}), precisions {precisions}\n")
     peaks = {p: matmul_peak(torch.bfloat16 if p == "bf16" else torch.float32, device) for p in precisions}
-    print("matmul peak (2048^3): " + ", ".join(f"{p} {v:.0f} GFLOP/s" for p, v in peaks.items()) + "\n")
+    print(f"matmul peak ({matmul_size(device)}^3): " + ", ".join(f"{p} {v:.0f} GFLOP/s" for p, v in peaks.items()) + "\n")
 
     training = [bench_training(name, spec, device, p, iters, peaks)
                 for name, spec in MODELS.items() for p in precisions]
@@ -282,6 +306,18 @@ def main(argv=None):
                 peers.append(row)
         print("training step vs diffusers at the same shapes")
         print_table(peers)
+
+    compiled = []
+    if args.compile:
+        for name, spec in MODELS.items():
+            for p in precisions[-1:]:  # the fastest precision: compiling takes a while
+                row = bench_compiled(name, spec, device, p, iters)
+                eager = next(r for r in training if r["model"] == name and r["precision"] == p)
+                row.update(eager_img_s=eager["train_img_s"],
+                           speedup=round(row["compiled_img_s"] / eager["train_img_s"], 2))
+                compiled.append(row)
+        print("training step under torch.compile")
+        print_table(compiled)
 
     attention = [row for p in precisions for row in bench_attention(device, p, iters)]
     print("attention, forward + backward of one call (batch x 8 heads x tokens x 32)")
@@ -301,7 +337,8 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"torch": torch.__version__, "device": str(device), "hardware": hardware,
-                       "matmul_peak_gflop_s": peaks, "training": training, "diffusers": peers, "attention": attention,
+                       "matmul_peak_gflop_s": peaks, "training": training, "diffusers": peers, "compiled": compiled,
+                       "attention": attention,
                        "input_pipeline": pipeline, "sampling": sampling}, f, indent=2)
         print(f"wrote {args.json}")
 
