@@ -29,7 +29,7 @@ from dit import DiT
 from dit_cfg import ConditionalDiT
 from sampling import generate_images
 from scheduler import NoiseScheduler
-from training import training_step
+from training import make_optimizer, training_step
 
 # The shapes of issue 5: both models at their default sizes and the stated batches.
 MODELS = {
@@ -81,7 +81,7 @@ def make_step(spec, device, amp_dtype, compile=False):
     model = spec["model_class"](**spec["config"]).to(device).train()
     step_model = torch.compile(model) if compile else model
     scheduler = NoiseScheduler(device=device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = make_optimizer(model, 1e-4, device)
     batch = spec["batch"]
     x0 = torch.rand(batch, model.channels, model.img_size, model.img_size, device=device) * 2 - 1
     labels = torch.randint(0, 10, (batch,), device=device) if isinstance(model, ConditionalDiT) else None
@@ -160,7 +160,7 @@ def bench_peer(name, peer, forward, device, precision, iters):
     """The same training step as training.training_step, on a diffusers model."""
     spec = MODELS[name]
     batch, size = spec["batch"], spec["config"]["img_size"]
-    optimizer = torch.optim.AdamW(peer.parameters(), lr=1e-4)
+    optimizer = make_optimizer(peer, 1e-4, device)  # the same optimizer as ours
     x0 = torch.rand(batch, 1, size, size, device=device) * 2 - 1
 
     def step():

@@ -13,7 +13,7 @@ from checkpoint import load_checkpoint
 from dit_cfg import ConditionalDiT
 from scheduler import NoiseScheduler
 from tests.conftest import ROOT, TINY_MODEL, run_script
-from training import training_step
+from training import make_optimizer, training_step
 
 TORCHRUN = shutil.which("torchrun")
 
@@ -28,7 +28,7 @@ def tiny_setup():
 
 
 def two_steps(model, scheduler, batch, train_model=None):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    optimizer = make_optimizer(model, 1e-2, "cpu")  # the scripts' optimizer
     for _ in range(2):  # two steps, so that the zero-initialised layers pass gradients on
         training_step(train_model or model, scheduler, optimizer, batch["x0"], batch["labels"],
                       grad_clip=1.0, t=batch["t"], noise=batch["noise"])
