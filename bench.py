@@ -295,27 +295,25 @@ def main(argv=None):
     print("training step (forward + MSE + backward + AdamW) and inference forward")
     print_table(training)
 
+    def ours_img_s(name, precision):  # our eager training images/s, from the table above
+        return next(r["train_img_s"] for r in training if r["model"] == name and r["precision"] == precision)
+
     peers = []
     if args.diffusers:
         for name, (peer, forward) in diffusers_peers(device).items():
-            for p in precisions:
-                row = bench_peer(name, peer, forward, device, p, iters)
-                ours = next(r for r in training if r["model"] == name and r["precision"] == p)
-                row.update(ours_img_s=ours["train_img_s"],
-                           speedup=round(ours["train_img_s"] / row["diffusers_img_s"], 2))
-                peers.append(row)
+            peers += [bench_peer(name, peer, forward, device, p, iters) for p in precisions]
+        for row in peers:
+            ours = ours_img_s(row["model"], row["precision"])
+            row.update(ours_img_s=ours, speedup=round(ours / row["diffusers_img_s"], 2))
         print("training step vs diffusers at the same shapes")
         print_table(peers)
 
     compiled = []
-    if args.compile:
-        for name, spec in MODELS.items():
-            for p in precisions[-1:]:  # the fastest precision: compiling takes a while
-                row = bench_compiled(name, spec, device, p, iters)
-                eager = next(r for r in training if r["model"] == name and r["precision"] == p)
-                row.update(eager_img_s=eager["train_img_s"],
-                           speedup=round(row["compiled_img_s"] / eager["train_img_s"], 2))
-                compiled.append(row)
+    if args.compile:  # in the fastest precision only: compiling takes a while
+        compiled = [bench_compiled(name, spec, device, precisions[-1], iters) for name, spec in MODELS.items()]
+        for row in compiled:
+            eager = ours_img_s(row["model"], row["precision"])
+            row.update(eager_img_s=eager, speedup=round(row["compiled_img_s"] / eager, 2))
         print("training step under torch.compile")
         print_table(compiled)
 
