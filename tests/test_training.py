@@ -1,10 +1,10 @@
-"""EMA and the learning-rate schedule, against their closed forms."""
+"""EMA, the learning-rate schedule and the optimizer, against closed forms."""
 from types import SimpleNamespace
 
 import torch
 
 from ema import EMA
-from training import learning_rate
+from training import learning_rate, make_optimizer
 
 
 def test_ema_starts_as_a_copy_and_follows_the_closed_form():
@@ -34,3 +34,24 @@ def test_learning_rate_warmup_then_step_decay():
     assert learning_rate(args, 450, steps_per_epoch) == 2.5e-4       # epoch 5: two
     args.lr_decay_step = None
     assert learning_rate(args, 10_000, steps_per_epoch) == 1e-3
+
+
+def test_optimizer_is_adamw_without_weight_decay_by_its_closed_form():
+    """Two steps of the (fused) optimizer against Adam's update written out:
+    m = b1 m + (1-b1) g, v = b2 v + (1-b2) g^2, w -= lr (m / (1-b1^k)) / (sqrt(v / (1-b2^k)) + eps)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    optimizer = make_optimizer(model, lr=0.1, device="cpu")
+    w = model.weight.detach().clone().double()
+    m = torch.zeros_like(w)
+    v = torch.zeros_like(w)
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    for k in (1, 2):
+        optimizer.zero_grad()
+        (model(torch.randn(5, 4)) ** 2).sum().backward()
+        g = model.weight.grad.double()
+        optimizer.step()
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        w = w - 0.1 * (m / (1 - b1**k)) / ((v / (1 - b2**k)).sqrt() + eps)  # no decay term
+        assert torch.allclose(model.weight.double(), w, atol=1e-6)
