@@ -11,7 +11,7 @@ import infer_cfg
 import train
 from checkpoint import CheckpointError, load_checkpoint
 from cli import run_main
-from tests.conftest import TINY_MODEL, run_script
+from tests.conftest import ROOT, TINY_MODEL, run_script
 
 # the same tiny options serve train.py and train_cfg.py
 TINY_RUN = ["--img_size", "16", "--patch_size", "4", *TINY_MODEL, "--batch_size", "16",
@@ -184,3 +184,25 @@ def test_figures_guidance_sweep_and_trajectory(run_b, tmp_path):
     assert Image.open(tmp_path / "guidance_sweep.png").size == (2 + 2 * 18, 2 + 10 * 18)
     strip = Image.open(tmp_path / "trajectory.png")
     assert strip.size == (2 + 3 * 18, 2 + 2 * 2 * 18)  # 3 timesteps; x_t and x0_hat rows for 2 samples
+
+
+@pytest.mark.parametrize("recipe", sorted(os.listdir(os.path.join(ROOT, "configs"))))
+def test_recipes_parse_to_what_they_say(recipe):
+    """Every recipe is read by its script's parser (comments skipped), each of its lines ends
+    up in the options with the value written there, and a later flag overrides it."""
+    import train_cfg
+    build_parser = train_cfg.build_parser if recipe.startswith("cfg") else train.build_parser
+    path = os.path.join(ROOT, "configs", recipe)
+    args = build_parser().parse_args([f"@{path}"])
+    written = {}
+    with open(path) as f:
+        for line in f:
+            fields = line.split("#", 1)[0].split()
+            if fields:
+                assert len(fields) == 2 and fields[0].startswith("--"), line
+                written[fields[0][2:]] = fields[1]
+    assert written, "a recipe sets something"
+    for name, text in written.items():
+        value = getattr(args, name)
+        assert value == type(value)(text), (name, text, value)
+    assert build_parser().parse_args([f"@{path}", "--epochs", "1"]).epochs == 1
