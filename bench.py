@@ -36,7 +36,7 @@ MODELS = {
     "A": dict(model_class=DiT, config=dict(img_size=64, patch_size=2), batch=16),
     "B": dict(model_class=ConditionalDiT, config=dict(img_size=32, patch_size=4), batch=128),
 }
-SAMPLING_RUNS = [("ddpm", 1000), ("ddim", 50), ("ddim", 20), ("dpm++2m", 20), ("dpm++2m", 10)]
+SAMPLING_RUNS = [("ddpm", 1000), ("ddim", 50), ("ddim", 20), ("dpm++2m", 20), ("dpm++2m", 10), ("dpm++2m", 6)]
 
 
 def synchronize(device):
@@ -177,24 +177,30 @@ def bench_peer(name, peer, forward, device, precision, iters):
     return {"model": name, "precision": precision, "diffusers_img_s": round(batch / step_s, 1)}
 
 
-def bench_sampling(device, precision, quick):
+def bench_sampling(device, precision, quick, compile=False):
     """Wall time of 100 guided digits (10 per label) with model B at its default size.
 
     Runs that would take long (DDPM's 1000 model calls on a CPU; everything but the
     shortest run with --quick) are estimated from the measured seconds per step of the
-    shortest run, and marked so."""
+    shortest run, and marked so. With compile=True only the shortest run is timed, with the
+    model under torch.compile, after one untimed run that compiles it."""
     amp_dtype = torch.bfloat16 if precision == "bf16" else None
     torch.manual_seed(0)
     model = ConditionalDiT().to(device).eval()
     scheduler = NoiseScheduler(device=device)
     labels = torch.arange(10).repeat_interleave(10)
+    sampling_model = torch.compile(model) if compile else model
 
     def run(sampler, steps):
-        return generate_images(model, scheduler, 100, labels=labels, guidance_scale=2.0,
+        return generate_images(sampling_model, scheduler, 100, labels=labels, guidance_scale=2.0,
                                sampler=sampler, steps=steps, device=device, amp_dtype=amp_dtype)
 
     shortest = min(SAMPLING_RUNS, key=lambda run_spec: run_spec[1])
-    seconds_per_step = seconds_per_call(lambda: run(*shortest), device, iters=1, warmup=1) / shortest[1]
+    seconds = seconds_per_call(lambda: run(*shortest), device, iters=1 if quick else 3, warmup=1)
+    if compile:
+        return [{"sampler": shortest[0], "steps": shortest[1], "precision": precision,
+                 "compiled_seconds_100_digits": round(seconds, 2)}]
+    seconds_per_step = seconds / shortest[1]
     rows = []
     for sampler, steps in SAMPLING_RUNS:
         estimate = (sampler, steps) != shortest and (quick or (device.type == "cpu" and steps > 100))
@@ -274,7 +280,8 @@ def main(argv=None):
                         help="comma-separated, e.g. fp32,bf16 (default: fp32, plus bf16 where the "
                              "hardware runs it natively; emulated bf16 is too slow to be worth timing)")
     parser.add_argument("--compile", action="store_true",
-                        help="also time the training step under torch.compile, in the fastest precision "
+                        help="also time the training step and the shortest sampling run under torch.compile, "
+                             "in the fastest precision "
                              "(compiling takes a minute or more per model)")
     add_device_arg(parser)
     args = parser.parse_args(argv)
@@ -326,16 +333,25 @@ def main(argv=None):
     print(f"input pipeline: {1e3 * pipeline['batch_s']:.2f} ms per batch of 128 "
           f"= {100 * pipeline['share_of_step']:.2f}% of model B's {precisions[-1]} training step\n")
 
-    sampling = []
+    sampling, compiled_sampling = [], []
     for p in precisions[-1:]:  # the fastest precision this machine has
         sampling += bench_sampling(device, p, args.quick)
     print("sampling 100 guided digits with model B (10 per digit, 32x32, doubled CFG batch)")
     print_table(sampling)
+    if args.compile:
+        compiled_sampling = bench_sampling(device, precisions[-1], args.quick, compile=True)
+        for row in compiled_sampling:
+            eager = next(r for r in sampling if (r["sampler"], r["steps"]) == (row["sampler"], row["steps"]))
+            row.update(eager_seconds=eager["seconds_100_digits"],
+                       speedup=round(eager["seconds_100_digits"] / row["compiled_seconds_100_digits"], 2))
+        print("sampling under torch.compile")
+        print_table(compiled_sampling)
 
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"torch": torch.__version__, "device": str(device), "hardware": hardware,
                        "matmul_peak_gflop_s": peaks, "training": training, "diffusers": peers, "compiled": compiled,
+                       "compiled_sampling": compiled_sampling,
                        "attention": attention,
                        "input_pipeline": pipeline, "sampling": sampling}, f, indent=2)
         print(f"wrote {args.json}")

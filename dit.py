@@ -67,7 +67,9 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x):
-        # the tanh approximation of GELU, as in DiT: cheaper than erf, same quality
+        # the tanh approximation of GELU, as in DiT (and the checkpoints trained here). It is not
+        # the cheaper one on a CPU: 13M elements took 50 ms with tanh vs 31 ms with erf on the
+        # AVX2 development machine; the two differ by at most 5e-4.
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
