@@ -44,7 +44,7 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def seconds_per_call(fn, device, iters, warmup=2):
+def seconds_per_call(fn, device, iters, warmup=1):
     """Median wall time of fn() over `iters` calls, after `warmup` calls."""
     for _ in range(warmup):
         fn()
@@ -74,15 +74,15 @@ def matmul_peak(dtype, device, iters=10):
     return 2 * n**3 / seconds / 1e9
 
 
-def make_step(spec, device, amp_dtype, compile=False):
+def make_step(spec, device, amp_dtype, compile=False, batch=None):
     """A training step closure on random data, and the model (torch.compile'd with compile=True,
-    as train.py --compile does)."""
+    as train.py --compile does). batch defaults to the spec's."""
     torch.manual_seed(0)
     model = spec["model_class"](**spec["config"]).to(device).train()
     step_model = torch.compile(model) if compile else model
     scheduler = NoiseScheduler(device=device)
     optimizer = make_optimizer(model, 1e-4, device)
-    batch = spec["batch"]
+    batch = batch or spec["batch"]
     x0 = torch.rand(batch, model.channels, model.img_size, model.img_size, device=device) * 2 - 1
     labels = torch.randint(0, 10, (batch,), device=device) if isinstance(model, ConditionalDiT) else None
 
@@ -106,13 +106,22 @@ def count_flops(fn):
     return counter.get_total_flops()
 
 
+def training_step_flops(spec, device, amp_dtype):
+    """FLOPs of one training step at the spec's batch. Counted on a batch of one image and
+    scaled: every counted product (linear layers, attention, patch embedding) has the batch
+    as one of its dimensions, so the count is exactly linear in it. The math attention
+    backend that counting needs is 2-3x slower than the fused one at A's 1024 tokens."""
+    _, step_of_one, _ = make_step(spec, device, amp_dtype, batch=1)
+    return count_flops(step_of_one) * spec["batch"]
+
+
 def bench_training(name, spec, device, precision, iters, peaks):
     amp_dtype = torch.bfloat16 if precision == "bf16" else None
     model, step, forward = make_step(spec, device, amp_dtype)
     batch = spec["batch"]
-    step_flops = count_flops(step)  # also warms up: allocations, AdamW state
-    step_s = seconds_per_call(step, device, iters, warmup=1 if iters > 2 else 0)
-    forward_s = seconds_per_call(forward, device, iters, warmup=1)
+    step_flops = training_step_flops(spec, device, amp_dtype)
+    step_s = seconds_per_call(step, device, iters)  # its warm-up call allocates the AdamW state
+    forward_s = seconds_per_call(forward, device, iters)
     gflops = step_flops / step_s / 1e9
     return {
         "model": name, "precision": precision, "batch": batch,
@@ -173,7 +182,7 @@ def bench_peer(name, peer, forward, device, precision, iters):
         loss.backward()
         optimizer.step()
 
-    step_s = seconds_per_call(step, device, iters, warmup=1)
+    step_s = seconds_per_call(step, device, iters)
     return {"model": name, "precision": precision, "diffusers_img_s": round(batch / step_s, 1)}
 
 
@@ -182,8 +191,9 @@ def bench_sampling(device, precision, quick, compile=False):
 
     Runs that would take long (DDPM's 1000 model calls on a CPU; everything but the
     shortest run with --quick) are estimated from the measured seconds per step of the
-    shortest run, and marked so. With compile=True only the shortest run is timed, with the
-    model under torch.compile, after one untimed run that compiles it."""
+    shortest run, and marked so. An untimed one-step run first warms up (and with
+    compile=True compiles) the model at the doubled batch's shape. With compile=True only the
+    shortest run is timed, with the model under torch.compile."""
     amp_dtype = torch.bfloat16 if precision == "bf16" else None
     torch.manual_seed(0)
     model = ConditionalDiT().to(device).eval()
@@ -192,20 +202,21 @@ def bench_sampling(device, precision, quick, compile=False):
     sampling_model = torch.compile(model) if compile else model
 
     def run(sampler, steps):
-        return generate_images(sampling_model, scheduler, 100, labels=labels, guidance_scale=2.0,
-                               sampler=sampler, steps=steps, device=device, amp_dtype=amp_dtype)
+        return generate_images(sampling_model, scheduler, 100, labels=labels, sampler=sampler, steps=steps,
+                               device=device, amp_dtype=amp_dtype)
 
     shortest = min(SAMPLING_RUNS, key=lambda run_spec: run_spec[1])
-    seconds = seconds_per_call(lambda: run(*shortest), device, iters=1 if quick else 3, warmup=1)
+    run(shortest[0], 1)  # warm-up
+    shortest_seconds = seconds_per_call(lambda: run(*shortest), device, iters=1 if quick else 3, warmup=0)
     if compile:
         return [{"sampler": shortest[0], "steps": shortest[1], "precision": precision,
-                 "compiled_seconds_100_digits": round(seconds, 2)}]
-    seconds_per_step = seconds / shortest[1]
+                 "compiled_seconds_100_digits": round(shortest_seconds, 2)}]
     rows = []
     for sampler, steps in SAMPLING_RUNS:
-        estimate = (sampler, steps) != shortest and (quick or (device.type == "cpu" and steps > 100))
-        if estimate:
-            seconds, how = seconds_per_step * steps, "estimated"
+        if (sampler, steps) == shortest:
+            seconds, how = shortest_seconds, "measured"
+        elif quick or (device.type == "cpu" and steps > 100):
+            seconds, how = shortest_seconds / shortest[1] * steps, "estimated"
         else:
             seconds, how = seconds_per_call(lambda: run(sampler, steps), device, iters=1, warmup=0), "measured"
         rows.append({"sampler": sampler, "steps": steps, "precision": precision,
@@ -270,7 +281,7 @@ def print_table(rows):
 def main(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="fewer repetitions and estimated sampling times (4 minutes on 2 AVX2 cores)")
+                        help="fewer repetitions and estimated sampling times (about 90 s on 2 AVX2 cores)")
     parser.add_argument("--json", default=None, metavar="OUT",
                         help="also write the figures to this JSON file")
     parser.add_argument("--diffusers", action="store_true",

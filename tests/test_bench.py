@@ -2,7 +2,7 @@
 count written out by hand from the architecture."""
 import torch
 
-from bench import count_flops
+from bench import count_flops, make_step, training_step_flops
 from dit import DiT
 from dit_cfg import ConditionalDiT
 
@@ -31,3 +31,14 @@ def test_forward_flops_of_both_models_match_the_hand_count():
     b = ConditionalDiT(img_size=16, patch_size=2, dim=32, depth=3, heads=4, cond_tokens=5)
     y = torch.tensor([0, 4, 10])
     assert count_flops(lambda: b(x, t, y)) == dit_forward_flops(3, 64, 32, 3, 4.0, 4, cond_tokens=5)
+
+
+def test_training_step_flops_scale_exactly_from_one_image():
+    """bench counts a step on one image and multiplies by the batch; the direct count at the
+    full batch must agree to the FLOP, for both models (self- and cross-attention)."""
+    cpu = torch.device("cpu")
+    for model_class in (DiT, ConditionalDiT):
+        spec = dict(model_class=model_class, config=dict(img_size=8, patch_size=2, dim=32, depth=2, heads=4),
+                    batch=5)
+        _, full_batch_step, _ = make_step(spec, cpu, None)
+        assert training_step_flops(spec, cpu, None) == count_flops(full_batch_step)
