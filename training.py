@@ -3,7 +3,6 @@
 The loop runs the same way on one process and under DDP (`Dist` says which rank this
 is); train_cfg_ddp.py only sets up the process group around it.
 """
-import hashlib
 import itertools
 import os
 import signal
@@ -217,15 +216,6 @@ def save_preview(ema_model, scheduler, preview_labels, num_preview, path, device
     save_grid(images, path, nrow=nrow)
 
 
-def write_param_hash(model, ema, directory, rank):
-    """Test hook (SIMPLEST_DIFFUSION_HASH_DIR): each rank writes a digest of its weights."""
-    digest = hashlib.sha256()
-    for tensor in itertools.chain(model.state_dict().values(), ema.state_dict().values()):
-        digest.update(tensor.detach().float().cpu().numpy().tobytes())
-    with open(os.path.join(directory, f"rank{rank}.sha256"), "w") as f:
-        f.write(digest.hexdigest())
-
-
 def train(args, model_class, model_config, preview_labels=None, num_preview=16, dist=Dist(),
           device=None):
     """Train `model_class(**model_config)` on MNIST as `args` say; returns the final checkpoint path."""
@@ -287,7 +277,6 @@ def train(args, model_class, model_config, preview_labels=None, num_preview=16, 
         train_model = torch.compile(train_model)
 
     os.makedirs(args.save_dir, exist_ok=True)
-    hash_dir = os.environ.get("SIMPLEST_DIFFUSION_HASH_DIR")
     stop = StopFlag(announce=dist.is_main)
 
     def save(name, preview_name=None):
@@ -364,6 +353,4 @@ def train(args, model_class, model_config, preview_labels=None, num_preview=16, 
             f"--resume {os.path.join(args.save_dir, 'ckpt_interrupted.pt')}")
     else:
         save("ckpt_final.pt", "preview_final.png")
-    if hash_dir:
-        write_param_hash(model, ema.module, hash_dir, dist.rank)
     return os.path.join(args.save_dir, "ckpt_interrupted.pt" if stopped else "ckpt_final.pt")
