@@ -126,8 +126,10 @@ def timestep_sinusoid(t, dim, max_period=10000):
 class TimestepEmbedder(nn.Module):
     """t (B,) -> (B, dim): sinusoid then a 2-layer MLP, always in float32.
 
-    Timesteps go up to 999; in bf16 (8 bits of mantissa) t * w_k would be rounded by
-    up to ~2 and neighbouring steps would collapse, so autocast is switched off here.
+    Autocast would run the two linears in bf16, whose 8-bit mantissa rounds the sinusoid
+    features to steps of up to 2^-8: the low-frequency features of neighbouring timesteps,
+    which differ by about w_k << 2^-8, would become equal. So autocast is switched off here
+    (the sinusoid itself is element-wise, which autocast leaves in float32 anyway).
     """
 
     def __init__(self, dim, frequency_dim=256):
