@@ -43,7 +43,8 @@ def clean_state_dict(state_dict):
 
 
 def save_checkpoint(state, path):
-    """Write to a temporary file, then rename: an interrupted save never corrupts `path`."""
+    """torch.save `state` (any checkpoint-like dict) to a temporary file, then rename: an
+    interrupted save never corrupts `path`, and readers see the old file or the whole new one."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp_path = f"{path}.tmp{os.getpid()}"
     try:
@@ -54,6 +55,13 @@ def save_checkpoint(state, path):
             os.remove(tmp_path)
 
 
+def one_line_reason(err):
+    """Why a load failed, for a one-line error: the first line of the exception's message
+    (its type name when the message is empty), at most 200 characters."""
+    lines = str(err).strip().splitlines()
+    return (lines[0] if lines else type(err).__name__)[:200]
+
+
 def load_checkpoint(path, expected_kind=None, map_location="cpu"):
     """Read and validate a checkpoint; CheckpointError with a one-line reason otherwise."""
     if not os.path.isfile(path):
@@ -61,9 +69,8 @@ def load_checkpoint(path, expected_kind=None, map_location="cpu"):
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated?): "
-                              f"{reason[:200]}") from None
+                              f"{one_line_reason(err)}") from None
     if not isinstance(ckpt, dict) or any(key not in ckpt for key in REQUIRED_KEYS):
         raise CheckpointError(f"{path} is not a SimplestDiffusion checkpoint "
                               f"(expected a dict with keys {', '.join(REQUIRED_KEYS)})")
@@ -82,7 +89,7 @@ def build_model(ckpt, use_ema=True, device="cpu"):
         model.load_state_dict(clean_state_dict(ckpt["ema" if use_ema else "model"]))
     except RuntimeError as err:
         raise CheckpointError(f"checkpoint weights do not match its model config: "
-                              f"{str(err).splitlines()[0]}") from None
+                              f"{one_line_reason(err)}") from None
     scheduler = NoiseScheduler(**ckpt["scheduler_config"], device=device)
     return model.to(device).eval(), scheduler
 

@@ -1,5 +1,6 @@
 """Command-line plumbing shared by every script: recipe files, option types, devices, errors."""
 import argparse
+import math
 import sys
 
 import torch
@@ -25,10 +26,18 @@ def positive_int(text):
     return value
 
 
+def nonnegative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
 def nonnegative_float(text):
     value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    # float() reads "nan" and "inf" too; neither is a usable scale, rate or bound
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
 
 
@@ -151,14 +160,22 @@ def load_for_sampling(args, expected_kind):
     return model, scheduler, device
 
 
+def resolve_steps(steps, sampler, scheduler):
+    """--steps checked against the checkpoint's T, or the sampler's default when it is None:
+    the number of model calls that will actually run (scripts report it)."""
+    from sampling import default_steps
+    if steps is not None and steps > scheduler.num_timesteps:
+        raise UsageError(f"--steps {steps} is more than the {scheduler.num_timesteps} "
+                         "timesteps this model was trained with")
+    return default_steps(sampler, scheduler.num_timesteps) if steps is None else steps
+
+
 def sampling_kwargs(args, scheduler, device):
     """Checked keyword arguments for sampling.generate_images from add_sampling_args' options."""
-    if args.steps is not None and args.steps > scheduler.num_timesteps:
-        raise UsageError(f"--steps {args.steps} is more than the {scheduler.num_timesteps} "
-                         "timesteps this model was trained with")
+    steps = resolve_steps(args.steps, args.sampler, scheduler)
     if args.eta and args.sampler != "ddim":
         raise UsageError("--eta is a DDIM option (use --sampler ddim)")
-    return dict(sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed,
+    return dict(sampler=args.sampler, steps=steps, eta=args.eta, seed=args.seed,
                 batch_size=args.batch_size, amp_dtype=autocast_dtype(args.precision, device),
                 progress=True)
 

@@ -37,9 +37,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import sampling
+from checkpoint import load_model, one_line_reason, save_checkpoint
 from cli import (ArgumentParser, UsageError, add_device_arg, add_precision_arg, add_sampler_args,
-                 autocast_dtype, default_precision, nonnegative_float, positive_int, resolve_device, run_main)
+                 autocast_dtype, default_precision, nonnegative_float, positive_int, resolve_device,
+                 resolve_steps, run_main)
 from data import load_mnist, resize_images, to_model_range
+from dit_cfg import ConditionalDiT
+from images import check_output_file
 
 DEFAULT_CLASSIFIER = os.path.join("checkpoints", "mnist_classifier.pt")
 CLASSIFIER_FORMAT = "simplest-diffusion/mnist-classifier/1"
@@ -186,14 +191,7 @@ def save_classifier(model, test_acc, path, train_config=None):
             "state_dict": {k: v.cpu().contiguous() for k, v in model.state_dict().items()},
             "config": {"model": dict(model.config), "train": dict(train_config or {})},
             "test_acc": None if test_acc is None else float(test_acc)}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)  # readers see the old file or the whole new one, never half
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    save_checkpoint(ckpt, path)
 
 
 def load_classifier(path, device="cpu"):
@@ -205,8 +203,7 @@ def load_classifier(path, device="cpu"):
         model = MNISTClassifier(**ckpt["config"]["model"])
         model.load_state_dict(ckpt["state_dict"])
     except Exception as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-        raise ClassifierError(f"could not load the classifier {path} ({reason}); "
+        raise ClassifierError(f"could not load the classifier {path} ({one_line_reason(err)}); "
                               "delete it to train a new one") from None
     return model.to(device).eval(), ckpt.get("test_acc")
 
@@ -309,17 +306,13 @@ def image_metrics(logits, features, ref_stats, labels=None):
 def guidance_list(text):
     """'0,1,2,3,5' -> [0.0, 1.0, 2.0, 3.0, 5.0] (an argparse type)."""
     try:
-        scales = [float(s) for s in text.split(",")]
-    except ValueError:
-        scales = None
-    if not scales or not all(math.isfinite(s) and s >= 0 for s in scales):
+        return [nonnegative_float(s) for s in text.split(",")]
+    except (ValueError, argparse.ArgumentTypeError):  # not a number, or not a finite one >= 0
         raise argparse.ArgumentTypeError(
-            f"expected comma-separated scales >= 0 such as 0,1,2,3,5, got {text!r}")
-    return scales
+            f"expected comma-separated scales >= 0 such as 0,1,2,3,5, got {text!r}") from None
 
 
 def build_parser():
-    from sampling import DEFAULT_GUIDANCE_SCALE
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", help="diffusion checkpoint written by train.py or train_cfg.py")
     parser.add_argument("--num_samples", type=positive_int, default=1000,
@@ -327,7 +320,7 @@ def build_parser():
     guidance = parser.add_mutually_exclusive_group()
     guidance.add_argument("--guidance_scale", type=nonnegative_float, default=None,
                           help="classifier-free guidance scale, model B only "
-                               f"(default: {DEFAULT_GUIDANCE_SCALE})")
+                               f"(default: {sampling.DEFAULT_GUIDANCE_SCALE})")
     guidance.add_argument("--guidance_sweep", type=guidance_list, default=None, metavar="S1,S2,...",
                           help="evaluate several guidance scales, one row each, e.g. 0,1,2,3,5")
     add_sampler_args(parser)
@@ -352,10 +345,6 @@ def build_parser():
 
 def evaluate(args):
     """Sample from args.ckpt at each guidance scale and score the samples -> report dict."""
-    from checkpoint import load_model  # the diffusion side, imported only when needed
-    from dit_cfg import ConditionalDiT
-    import sampling
-
     device = resolve_device(args.device)
     model, scheduler, ckpt = load_model(args.ckpt, device, use_ema=not args.no_ema)
     kind = ckpt["kind"]
@@ -374,12 +363,7 @@ def evaluate(args):
             raise UsageError(f"{args.ckpt} holds an unconditional model ({kind}); "
                              "guidance needs model B")
         labels, scales = None, [None]
-    # Resolve the step count here so that the report states what actually ran.
-    T = scheduler.num_timesteps
-    if args.steps is not None and args.steps > T:
-        raise UsageError(f"--steps {args.steps} is more than the {T} timesteps this model "
-                         "was trained with")
-    steps = args.steps or min(sampling.DEFAULT_STEPS[args.sampler] or T, T)
+    steps = resolve_steps(args.steps, args.sampler, scheduler)  # the report states what ran
     amp_dtype = autocast_dtype(args.precision, device)
 
     classifier, classifier_acc = load_or_train_classifier(args.classifier, args.data_dir, device)
@@ -465,6 +449,8 @@ def print_report(report):
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.json:
+        check_output_file(args.json)  # now, not after minutes of classifier training and sampling
     try:
         if args.train_classifier_only:
             device = resolve_device(args.device)
@@ -479,7 +465,6 @@ def main(argv=None):
         sys.exit(f"error: {err}")
     print_report(report)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
         print(f"wrote {args.json}")

@@ -13,10 +13,10 @@ import os
 import torch
 
 from checkpoint import load_model
-from cli import ArgumentParser, add_device_arg, positive_int, resolve_device, run_main
+from cli import ArgumentParser, add_device_arg, positive_int, resolve_device, resolve_steps, run_main
 from dit_cfg import ConditionalDiT
 from evaluate import guidance_list
-from images import save_grid
+from images import check_output_dir, save_grid
 from sampling import DEFAULT_GUIDANCE_SCALE, SAMPLERS, generate_images, guided_noise_fn, sample, timestep_schedule
 
 
@@ -29,7 +29,9 @@ def guidance_sweep(model, scheduler, scales, sampler, steps, seed, device):
 
 
 def trajectory(model, scheduler, num_samples, columns, sampler, steps, seed, device):
-    """(2 * num_samples * columns, C, H, W): per sample a row of x_t and a row of x0_hat."""
+    """(2 * num_samples * columns, C, H, W): per sample a row of x_t and a row of x0_hat.
+
+    columns >= 2: the first column is t = T-1 and the last t = 0."""
     visited = timestep_schedule(scheduler.num_timesteps, steps)
     shown = [visited[round(i * (len(visited) - 1) / (columns - 1))] for i in range(columns)]
     if isinstance(model, ConditionalDiT):
@@ -53,24 +55,29 @@ def main(argv=None):
     parser.add_argument("--scales", type=guidance_list, default=[0.0, 1.0, 2.0, 3.0, 5.0],
                         help="guidance scales of the sweep (default: 0,1,2,3,5)")
     parser.add_argument("--trajectory_samples", type=positive_int, default=4)
-    parser.add_argument("--trajectory_columns", type=positive_int, default=8)
+    parser.add_argument("--trajectory_columns", type=positive_int, default=8,
+                        help="timesteps shown, from T-1 to 0 (at least 2)")
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddim")
-    parser.add_argument("--steps", type=positive_int, default=50)
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help="denoising steps (default: the sampler's, 50 for ddim, at most T)")
     parser.add_argument("--seed", type=int, default=0)
     add_device_arg(parser)
     args = parser.parse_args(argv)
+    if args.trajectory_columns < 2:
+        parser.error("--trajectory_columns must be at least 2: the trajectory runs from t = T-1 to t = 0")
+    check_output_dir(args.outdir)
     device = resolve_device(args.device)
     model, scheduler, _ = load_model(args.ckpt, device)
-    os.makedirs(args.outdir, exist_ok=True)
+    steps = resolve_steps(args.steps, args.sampler, scheduler)
 
     if isinstance(model, ConditionalDiT):
-        images = guidance_sweep(model, scheduler, args.scales, args.sampler, args.steps, args.seed, device)
+        images = guidance_sweep(model, scheduler, args.scales, args.sampler, steps, args.seed, device)
         path = os.path.join(args.outdir, "guidance_sweep.png")
         save_grid(images, path, nrow=len(args.scales))
         print(f"wrote {path}: rows = digits 0-9, columns = guidance scales {args.scales}")
 
     images, shown = trajectory(model, scheduler, args.trajectory_samples, args.trajectory_columns,
-                               args.sampler, args.steps, args.seed, device)
+                               args.sampler, steps, args.seed, device)
     path = os.path.join(args.outdir, "trajectory.png")
     save_grid(images, path, nrow=len(shown))
     print(f"wrote {path}: columns t = {shown}; per sample, x_t above and x0_hat below")

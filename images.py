@@ -1,5 +1,6 @@
 """Turning model outputs in [-1, 1] into image files."""
 import os
+import tempfile
 
 import torch
 from PIL import Image
@@ -19,21 +20,42 @@ def is_directory_output(path):
     return path.endswith(("/", os.sep)) or os.path.isdir(path)
 
 
-def check_output(path):
-    """Fail early, before any sampling, when `path` cannot be written."""
-    if is_directory_output(path):
-        if os.path.exists(path) and not os.access(path, os.W_OK):
-            raise OutputError(f"output directory is not writable: {path}")
-        return
+def check_output_dir(path):
+    """Fail early, before any work, unless files can be written in directory `path`.
+
+    The directory is created (as it would be at the first write) and a scratch file is
+    written there and removed: a real write, because os.access says yes to root even on
+    a read-only mount."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise OutputError(f"cannot write files in the output directory {path}: "
+                          f"{err.strerror or err}") from None
+
+
+def check_output_file(path):
+    """Fail early, before any work, when the file `path` cannot be written."""
+    if os.path.isdir(path):
+        raise OutputError(f"output is a directory, expected a file path: {path}")
     parent = os.path.dirname(os.path.abspath(path))
-    extension = os.path.splitext(path)[1].lower()
-    if extension not in Image.registered_extensions():
-        raise OutputError(f"cannot tell the image format of {path!r} from its extension "
-                          "(use .png, .jpg, ... or end the path with / for a directory)")
     if not os.path.isdir(parent):
         raise OutputError(f"output folder does not exist: {parent}")
     if not os.access(parent, os.W_OK):
         raise OutputError(f"output folder is not writable: {parent}")
+
+
+def check_output(path):
+    """Fail early, before any sampling, when the image output `path` cannot be written."""
+    if is_directory_output(path):
+        check_output_dir(path)
+        return
+    extension = os.path.splitext(path)[1].lower()
+    if extension not in Image.registered_extensions():
+        raise OutputError(f"cannot tell the image format of {path!r} from its extension "
+                          "(use .png, .jpg, ... or end the path with / for a directory)")
+    check_output_file(path)
 
 
 def _save_array(pixels, path):
@@ -57,6 +79,13 @@ def save_images(x, directory, names):
     os.makedirs(directory, exist_ok=True)
     for pixels, name in zip(to_uint8(x), names):
         _save_array(pixels, os.path.join(directory, f"{name}.png"))
+
+
+def sample_names(count, prefix=""):
+    """File names (no extension) for `count` samples: prefix + 000, 001, ...; wider numbers
+    once there are more than 1000 samples, so that the names sort in sample order."""
+    width = max(3, len(str(count - 1)))
+    return [f"{prefix}{i:0{width}d}" for i in range(count)]
 
 
 def save_samples(x, output, names, nrow):

@@ -8,7 +8,7 @@ import math
 
 from cli import ArgumentParser, add_sampling_args, load_for_sampling, run_main, sampling_kwargs
 from dit import DiT
-from images import save_samples
+from images import sample_names, save_samples
 from sampling import generate_images
 
 
@@ -23,9 +23,8 @@ def main(argv=None):
     model, scheduler, device = load_for_sampling(args, expected_kind=DiT.kind)
     images = generate_images(model, scheduler, args.num_samples, device=device,
                              **sampling_kwargs(args, scheduler, device))
-    width = max(3, len(str(args.num_samples - 1)))
-    names = [f"{i:0{width}d}" for i in range(args.num_samples)]
-    save_samples(images, args.output, names, nrow=math.ceil(math.sqrt(args.num_samples)))
+    save_samples(images, args.output, sample_names(args.num_samples),
+                 nrow=math.ceil(math.sqrt(args.num_samples)))
     print(f"wrote {args.num_samples} sample(s) to {args.output}")
 
 

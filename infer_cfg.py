@@ -9,9 +9,10 @@ import math
 
 import torch
 
-from cli import ArgumentParser, add_sampling_args, load_for_sampling, run_main, sampling_kwargs
+from cli import (ArgumentParser, add_sampling_args, load_for_sampling, nonnegative_float, run_main,
+                 sampling_kwargs)
 from dit_cfg import ConditionalDiT
-from images import save_samples
+from images import sample_names, save_samples
 from sampling import DEFAULT_GUIDANCE_SCALE, generate_images
 
 DIGITS = range(10)
@@ -35,7 +36,7 @@ def build_parser():
     parser.add_argument("--label", type=label_arg, required=True,
                         help="the digit to draw, 0-9, or all (one row per digit; --num_samples "
                              "then counts samples per digit)")
-    parser.add_argument("--guidance_scale", type=float, default=DEFAULT_GUIDANCE_SCALE,
+    parser.add_argument("--guidance_scale", type=nonnegative_float, default=DEFAULT_GUIDANCE_SCALE,
                         help="pred = uncond + s * (cond - uncond): 1 is plain conditional "
                              f"sampling, 0 unconditional (default: {DEFAULT_GUIDANCE_SCALE})")
     add_sampling_args(parser)
@@ -50,8 +51,7 @@ def main(argv=None):
     images = generate_images(model, scheduler, len(labels), labels=labels,
                              guidance_scale=args.guidance_scale, device=device,
                              **sampling_kwargs(args, scheduler, device))
-    width = max(3, len(str(args.num_samples - 1)))
-    names = [f"{digit}_{i:0{width}d}" for digit in digits for i in range(args.num_samples)]
+    names = [name for digit in digits for name in sample_names(args.num_samples, prefix=f"{digit}_")]
     nrow = args.num_samples if args.label == "all" else math.ceil(math.sqrt(args.num_samples))
     save_samples(images, args.output, names, nrow=nrow)
     print(f"wrote {len(labels)} sample(s) to {args.output}")

@@ -15,6 +15,12 @@ SAMPLERS = ("ddpm", "ddim", "dpm++2m")
 DEFAULT_STEPS = {"ddpm": None, "ddim": 50, "dpm++2m": 20}
 
 
+def default_steps(sampler, num_train_timesteps):
+    """The steps `sample` takes when given none: DEFAULT_STEPS[sampler], at most T."""
+    default = DEFAULT_STEPS[sampler]
+    return num_train_timesteps if default is None else min(default, num_train_timesteps)
+
+
 def timestep_schedule(num_train_timesteps, steps):
     """`steps` evenly spaced timesteps, descending from T-1 to 0, without duplicates.
 
@@ -83,7 +89,7 @@ def sample(
     if eta < 0 or (eta != 0 and sampler != "ddim"):
         raise ValueError(f"eta must be >= 0 and is only used by the 'ddim' sampler, got eta={eta} with {sampler!r}")
     if steps is None:
-        steps = T if DEFAULT_STEPS[sampler] is None else min(DEFAULT_STEPS[sampler], T)
+        steps = default_steps(sampler, T)
     timesteps = timestep_schedule(T, steps)  # validates steps
     if sampler == "ddpm":
         rule = "ancestral" if steps == T else "ddim"
@@ -168,7 +174,7 @@ def generate_images(model, scheduler, num_samples, labels=None, guidance_scale=D
     """num_samples images (N, C, H, W), float32 in about [-1, 1], in chunks of batch_size.
 
     labels: (N,) digits for model B (guided by guidance_scale), None for model A.
-    amp_dtype: torch.bfloat16 to run the model under autocast, None for fp32.
+    amp_dtype: the dtype to run the model in under autocast (torch.bfloat16), None for fp32.
     The same seed gives the same images.
     """
     device = torch.device(device)
@@ -177,7 +183,7 @@ def generate_images(model, scheduler, num_samples, labels=None, guidance_scale=D
     chunks = []
     for start in range(0, num_samples, batch_size):
         n = min(batch_size, num_samples - start)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp_dtype is not None):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             if labels is None:
                 model_fn = model
             else:

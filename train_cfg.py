@@ -28,11 +28,9 @@ def build_parser():
 
 
 def main(argv=None, dist=Dist(), device=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.cond_tokens < 2:
-        parser.error("--cond_tokens must be at least 2: with one condition token, "
-                     "cross-attention degenerates into a constant per-label bias")
+    args = build_parser().parse_args(argv)
+    # ConditionalDiT rejects a bad --cond_tokens itself (ModelConfigError, one line via
+    # run_main) before any data is read, so the rule lives in one place
     model_config = dict(img_size=args.img_size, channels=args.channels, patch_size=args.patch_size,
                         num_classes=NUM_CLASSES, dim=args.dim, depth=args.depth, heads=args.heads,
                         mlp_ratio=args.mlp_ratio, cond_tokens=args.cond_tokens,

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as torch_dist
 
 import train_cfg
-from cli import run_main
+from cli import DeviceError, resolve_device, run_main
 from training import Dist
 
 TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -29,14 +29,17 @@ def main(argv=None):
                  "(python train_cfg.py trains on one device)")
     dist = Dist(rank=int(os.environ["RANK"]), local_rank=int(os.environ["LOCAL_RANK"]),
                 world_size=int(os.environ["WORLD_SIZE"]))
-    use_cuda = torch.cuda.is_available() and (args.device is None or args.device.startswith("cuda"))
-    if use_cuda:
-        device = torch.device("cuda", dist.local_rank)
+    # the same checks and DeviceError as train_cfg.py; no --device means CUDA when there is one
+    requested = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if requested.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)  # one GPU per process: LOCAL_RANK picks it
         torch.cuda.set_device(device)
         torch_dist.init_process_group("nccl", device_id=device)
-    else:
+    elif requested.type == "cpu":
         device = torch.device("cpu")
         torch_dist.init_process_group("gloo")
+    else:
+        raise DeviceError(f"--device {args.device}: DDP runs on CUDA (nccl) or on the CPU (gloo)")
     try:
         train_cfg.main(argv, dist=dist, device=device)
     finally:

@@ -15,12 +15,12 @@ import torch.distributed as torch_dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cli import (add_device_arg, add_precision_arg, autocast_dtype, nonnegative_float, positive_int, probability,
-                 resolve_device)
+from cli import (add_device_arg, add_precision_arg, autocast_dtype, nonnegative_float, nonnegative_int,
+                 positive_int, probability, resolve_device)
 from checkpoint import clean_state_dict, load_checkpoint, save_checkpoint
 from data import load_training_set, make_loader, to_model_range
 from ema import EMA
-from images import save_grid
+from images import check_output_dir, save_grid
 from sampling import generate_images
 from scheduler import NoiseScheduler
 
@@ -34,7 +34,7 @@ def add_training_args(parser, *, img_size, patch_size, save_dir, epochs, batch_s
     group.add_argument("--data_dir", default="./data", help="folder that holds MNIST/ (default: ./data)")
     group.add_argument("--subset", type=positive_int, default=None,
                        help="train on the first N images only (quick trials)")
-    group.add_argument("--num_workers", type=int, default=0,
+    group.add_argument("--num_workers", type=nonnegative_int, default=0,
                        help="DataLoader worker processes; 0 gathers batches in the main process, "
                             "which is fastest for MNIST held in memory (default: 0)")
 
@@ -120,14 +120,15 @@ def training_step(model, scheduler, optimizer, x0, labels=None, *, amp_dtype=Non
         loss = || eps - eps_theta(x_t, t [, y]) ||^2     (mean over pixels and batch)
 
     `labels` is None for model A; for model B the model itself replaces a share of them
-    by the null label (train mode). `t` and `noise` may be given (tests do, to compare runs).
+    by the null label (train mode). `amp_dtype` is the autocast dtype of the forward pass
+    (torch.bfloat16), None for fp32. `t` and `noise` may be given (tests do, to compare runs).
     Under DDP `model` is the DistributedDataParallel wrapper, whose backward averages the
     gradients over ranks.
     """
     if t is None:
         t = scheduler.sample_timesteps(x0.shape[0], device=x0.device)
     x_t, noise = scheduler.noise_image(x0, t, noise)
-    with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=amp_dtype is not None):
+    with torch.autocast(x0.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         pred_noise = model(x_t, t) if labels is None else model(x_t, t, labels)
     loss = F.mse_loss(pred_noise.float(), noise)
     optimizer.zero_grad(set_to_none=True)
@@ -223,6 +224,8 @@ def train(args, model_class, model_config, preview_labels=None, num_preview=16, 
     device = device or resolve_device(args.device)
     amp_dtype = autocast_dtype(args.precision, device)
     kind = model_class.kind
+    if dist.is_main:  # the only rank that writes; a save_dir it cannot write would lose the run
+        check_output_dir(args.save_dir)
 
     resume = load_checkpoint(args.resume, expected_kind=kind) if args.resume else None
     if resume is not None:
@@ -276,7 +279,6 @@ def train(args, model_class, model_config, preview_labels=None, num_preview=16, 
     if args.compile:
         train_model = torch.compile(train_model)
 
-    os.makedirs(args.save_dir, exist_ok=True)
     stop = StopFlag(announce=dist.is_main)
 
     def save(name, preview_name=None):

@@ -6,9 +6,14 @@ import pytest
 import torch
 from PIL import Image
 
+import evaluate
+import figures
 import infer
 import infer_cfg
 import train
+import train_cfg
+import train_cfg_ddp
+import training
 from checkpoint import CheckpointError, load_checkpoint
 from cli import run_main
 from tests.conftest import ROOT, TINY_MODEL, run_script
@@ -139,10 +144,40 @@ def test_bad_inference_options(run_a, args, expected, tmp_path, monkeypatch, cap
                                 monkeypatch, capsys)
 
 
-def test_bad_model_shape_is_one_line(tiny_mnist, tmp_path, monkeypatch, capsys):
-    message = error_of(train.main, ["--data_dir", tiny_mnist, "--save_dir", str(tmp_path),
-                                    "--img_size", "30", "--patch_size", "4"], monkeypatch, capsys)
-    assert "divisible by patch_size" in message
+def fail_if_called(what):
+    """A stand-in for expensive work that a bad option must stop before."""
+    def fail(*args, **kwargs):
+        pytest.fail(f"{what} although an option was bad")
+    return fail
+
+
+@pytest.mark.parametrize("main,args,expected", [
+    (train.main, ["--img_size", "30", "--patch_size", "4"], "divisible by patch_size"),
+    (train.main, ["--num_workers", "-1"], "must be an integer >= 0"),
+    (train_cfg.main, ["--cond_tokens", "1"], "cond_tokens must be an integer >= 2"),
+    # a save_dir that cannot be created: its parent, or the path itself, is a regular file
+    (train.main, ["--save_dir", "{tmp}/a_file/run"], "cannot write files in the output directory"),
+    (train.main, ["--save_dir", "{tmp}/a_file"], "cannot write files in the output directory"),
+], ids=["model_shape", "num_workers", "cond_tokens", "save_dir_under_a_file", "save_dir_is_a_file"])
+def test_bad_training_options_stop_before_the_data_is_read(main, args, expected, tiny_mnist, tmp_path,
+                                                           monkeypatch, capsys):
+    (tmp_path / "a_file").write_text("not a directory")
+    monkeypatch.setattr(training, "load_training_set", fail_if_called("MNIST was read"))
+    args = [arg.format(tmp=tmp_path) for arg in args]
+    message = error_of(main, ["--data_dir", tiny_mnist, "--save_dir", str(tmp_path / "run"),
+                              *TINY_RUN, "--max_steps", "1", *args], monkeypatch, capsys)
+    assert expected in message
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders; the "
+                    "save_dir cases under a regular file above cover root")
+def test_read_only_save_dir_stops_before_the_data_is_read(tiny_mnist, tmp_path, monkeypatch, capsys):
+    read_only = tmp_path / "read_only"
+    read_only.mkdir(mode=0o555)
+    monkeypatch.setattr(training, "load_training_set", fail_if_called("MNIST was read"))
+    message = error_of(train.main, ["--data_dir", tiny_mnist, "--save_dir", str(read_only),
+                                    *TINY_RUN, "--max_steps", "1"], monkeypatch, capsys)
+    assert "cannot write files in the output directory" in message
 
 
 def test_missing_mnist_is_one_line(tmp_path):
@@ -170,11 +205,60 @@ def test_cfg_train_and_infer_label_and_grid(run_b, tmp_path):
     assert sorted(os.listdir(tmp_path / "fours")) == ["4_000.png", "4_001.png"]
 
 
-@pytest.mark.parametrize("label", ["10", "-1", "four", "3.5"])
-def test_bad_label_is_one_line(run_b, label, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("args,expected", [
+    *((["--label", label], "0-9") for label in ("10", "-1", "four", "3.5")),
+    *((["--label", "3", "--guidance_scale", scale], "finite number >= 0")
+      for scale in ("nan", "inf", "-1")),
+])
+def test_bad_cfg_inference_options(run_b, args, expected, tmp_path, monkeypatch, capsys):
     message = error_of(infer_cfg.main, ["--ckpt", str(run_b / "ckpt_final.pt"), "--output",
-                                        str(tmp_path / "x.png"), "--label", label], monkeypatch, capsys)
-    assert "0-9" in message
+                                        str(tmp_path / "x.png"), *args], monkeypatch, capsys)
+    assert expected in message
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--trajectory_columns", "1"], "at least 2"),
+    (["--steps", "5000"], "more than the 1000 timesteps"),
+    (["--outdir", "{tmp}/a_file"], "cannot write files in the output directory"),
+])
+def test_bad_figures_options(run_a, args, expected, tmp_path, monkeypatch, capsys):
+    (tmp_path / "a_file").write_text("not a directory")
+    monkeypatch.setattr(figures, "sample", fail_if_called("sampling started"))
+    args = [arg.format(tmp=tmp_path) for arg in args]
+    message = error_of(figures.main, ["--ckpt", str(run_a / "ckpt_final.pt"),
+                                      "--outdir", str(tmp_path / "figures"), *args], monkeypatch, capsys)
+    assert expected in message
+
+
+@pytest.mark.parametrize("json_path,expected", [
+    ("{tmp}/missing_folder/report.json", "output folder does not exist"),
+    ("{tmp}", "output is a directory"),
+])
+def test_bad_evaluate_json_stops_before_any_work(json_path, expected, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(evaluate, "evaluate", fail_if_called("evaluation started"))
+    monkeypatch.setattr(evaluate, "load_or_train_classifier", fail_if_called("the classifier was loaded"))
+    message = error_of(evaluate.main, ["--ckpt", "any.pt", "--json", json_path.format(tmp=tmp_path)],
+                       monkeypatch, capsys)
+    assert expected in message
+
+
+@pytest.mark.parametrize("device,expected", [
+    ("mps", "--device mps"),
+    pytest.param("cuda", "CUDA is not available", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="here CUDA is available, so --device cuda is valid")),
+])
+def test_ddp_rejects_a_device_as_train_cfg_does(device, expected, tmp_path, monkeypatch, capsys):
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(train_cfg_ddp.torch_dist, "init_process_group",
+                        fail_if_called("the process group was joined"))
+    args = ["--device", device, "--save_dir", str(tmp_path)]
+    ddp_message = error_of(train_cfg_ddp.main, args, monkeypatch, capsys)
+    assert expected in ddp_message
+    if device == "cuda" or not torch.backends.mps.is_available():
+        # the same message as the single-process script's
+        assert ddp_message == error_of(train_cfg.main, args, monkeypatch, capsys)
 
 
 def test_figures_guidance_sweep_and_trajectory(run_b, tmp_path):

@@ -1,0 +1,66 @@
+"""Small shared helpers: the autocast dtype the training step and the sampler use, option
+types, sample file names."""
+import argparse
+
+import pytest
+import torch
+
+from cli import nonnegative_float, nonnegative_int
+from images import sample_names
+from sampling import generate_images
+from scheduler import NoiseScheduler
+from training import training_step
+
+
+class AutocastRecorder(torch.nn.Module):
+    """A stand-in noise predictor that notes, at every call, the autocast state it runs under."""
+
+    channels, img_size = 1, 4
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))  # something for the optimizer to step
+        self.seen = []
+
+    def forward(self, x, t):
+        self.seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return x * self.scale
+
+
+@pytest.mark.parametrize("amp_dtype", [torch.float16, torch.bfloat16])
+def test_the_given_amp_dtype_is_the_autocast_dtype(amp_dtype):
+    model = AutocastRecorder()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    training_step(model, NoiseScheduler(timesteps=10), optimizer, torch.zeros(2, 1, 4, 4),
+                  amp_dtype=amp_dtype)
+    generate_images(model, NoiseScheduler(timesteps=10), 2, sampler="ddim", steps=2,
+                    amp_dtype=amp_dtype)
+    assert model.seen == [(True, amp_dtype)] * 3  # one training forward, two sampling steps
+
+
+def test_no_amp_dtype_means_no_autocast():
+    model = AutocastRecorder()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    training_step(model, NoiseScheduler(timesteps=10), optimizer, torch.zeros(2, 1, 4, 4))
+    generate_images(model, NoiseScheduler(timesteps=10), 2, sampler="ddim", steps=2)
+    assert [enabled for enabled, _ in model.seen] == [False] * 3
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-inf", "-0.5"])
+def test_nonnegative_float_rejects_what_is_not_a_finite_number_at_least_zero(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="finite number >= 0"):
+        nonnegative_float(text)
+
+
+def test_nonnegative_types_accept_zero_and_up():
+    assert nonnegative_float("0") == 0.0 and nonnegative_float("2.5") == 2.5
+    assert nonnegative_int("0") == 0 and nonnegative_int("3") == 3
+    with pytest.raises(argparse.ArgumentTypeError, match="integer >= 0"):
+        nonnegative_int("-1")
+
+
+def test_sample_names_sort_in_sample_order():
+    assert sample_names(3) == ["000", "001", "002"]
+    assert sample_names(2, prefix="4_") == ["4_000", "4_001"]
+    names = sample_names(1001)
+    assert names[0] == "0000" and names[-1] == "1000" and sorted(names) == names
