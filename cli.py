@@ -191,3 +191,6 @@ def run_main(main):
         main()
     except (CheckpointError, DataError, DeviceError, OutputError, UsageError, ModelConfigError) as err:
         sys.exit(f"error: {err}")
+    except KeyboardInterrupt:  # Ctrl-C outside training's own handler (which saves and returns)
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)  # the shell's status for SIGINT

@@ -47,3 +47,15 @@ def run_script(*args, check=True, env=None):
 
 
 TINY_MODEL = ["--dim", "32", "--depth", "2", "--heads", "2"]
+
+
+def ref_alphas_cumprod(schedule, T=1000, beta_start=1e-4, beta_end=0.02):
+    """float64 numpy (betas, alpha bar) of the two schedules, written from the papers (Ho et
+    al. 2020: linear betas; Nichol & Dhariwal 2021 eq. 17: cosine), not from scheduler.py."""
+    if schedule == "linear":
+        betas = np.linspace(beta_start, beta_end, T)
+    else:
+        f = lambda t: np.cos((t / T + 0.008) / 1.008 * np.pi / 2) ** 2  # noqa: E731
+        t = np.arange(T)
+        betas = np.minimum(1 - f(t + 1) / f(t), 0.999)
+    return betas, np.cumprod(1 - betas)

@@ -55,14 +55,22 @@ def test_sincos_pos_embed_closed_form():
 
 
 def test_timestep_embedding_is_float32_under_bf16_autocast():
+    """The embedder switches autocast off, so under bf16 autocast it computes exactly what it
+    computes in fp32. Were its linears run in bf16 (8-bit mantissa), the sinusoid features of
+    neighbouring timesteps, which differ by about w_k << 2^-8 at low frequencies, would round
+    together."""
+    torch.manual_seed(0)
     embedder = TimestepEmbedder(32)
-    t = torch.tensor([998, 999])
+    t = torch.arange(990, 1000)  # neighbouring steps, where bf16 rounding would merge features
+    reference = embedder(t)  # autocast off: fp32 throughout
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = embedder(t)
         linear_out = torch.nn.Linear(4, 4)(torch.randn(2, 4))
     assert linear_out.dtype == torch.bfloat16  # autocast is really on
     assert out.dtype == torch.float32
-    assert not torch.equal(out[0], out[1])  # neighbouring steps stay distinct
+    # bit for bit: nothing ran in bf16 (with the autocast block removed from
+    # TimestepEmbedder.forward this fails, also when the output is cast back to fp32)
+    assert torch.equal(out, reference)
     # the sinusoid itself: cos(t * 10000^(-k/half)) then sin(...)
     sinusoid = timestep_sinusoid(torch.tensor([7]), 4)
     assert torch.allclose(sinusoid, torch.tensor([[math.cos(7), math.cos(7 / 100),

@@ -163,8 +163,6 @@ def test_invalid_input_is_a_one_line_error(capsys, args, message):
     assert "error" in line and message in line and "\n" not in line
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, "train_cfg.py")),
-                    reason="train_cfg.py not written yet")
 def test_end_to_end_on_a_tiny_checkpoint(tiny_mnist, tmp_path, capsys):
     ckpt, classifier, out = (tmp_path / f for f in ("ckpt_final.pt", "classifier.pt", "r.json"))
     run_script("train_cfg.py", "--data_dir", tiny_mnist, "--subset", "64", "--max_steps", "2",

@@ -5,7 +5,7 @@ import argparse
 import pytest
 import torch
 
-from cli import nonnegative_float, nonnegative_int
+from cli import nonnegative_float, nonnegative_int, run_main
 from images import sample_names
 from sampling import generate_images
 from scheduler import NoiseScheduler
@@ -64,3 +64,14 @@ def test_sample_names_sort_in_sample_order():
     assert sample_names(2, prefix="4_") == ["4_000", "4_001"]
     names = sample_names(1001)
     assert names[0] == "0000" and names[-1] == "1000" and sorted(names) == names
+
+
+def test_ctrl_c_outside_training_exits_with_the_sigint_status(capsys):
+    """Ctrl-C while a script loads data or samples: one line and status 130, no traceback."""
+    def interrupted_main():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(interrupted_main)
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err == "interrupted\n"

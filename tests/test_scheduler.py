@@ -8,19 +8,9 @@ import pytest
 import torch
 
 from scheduler import NoiseScheduler
+from tests.conftest import ref_alphas_cumprod
 
 T = 1000
-
-
-def ref_alphas_cumprod(schedule, T=T, beta_start=1e-4, beta_end=0.02):
-    """float64 numpy (betas, alpha bar), written from the papers, not from scheduler.py."""
-    if schedule == "linear":
-        betas = np.linspace(beta_start, beta_end, T)
-    else:
-        f = lambda t: np.cos((t / T + 0.008) / 1.008 * np.pi / 2) ** 2  # noqa: E731
-        t = np.arange(T)
-        betas = np.minimum(1 - f(t + 1) / f(t), 0.999)
-    return betas, np.cumprod(1 - betas)
 
 
 def np_(x):

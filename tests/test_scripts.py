@@ -1,6 +1,9 @@
 """End to end through the real entry points, on tiny synthetic MNIST and tiny models."""
 import os
+import signal
+import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -290,3 +293,71 @@ def test_recipes_parse_to_what_they_say(recipe):
         value = getattr(args, name)
         assert value == type(value)(text), (name, text, value)
     assert build_parser().parse_args([f"@{path}", "--epochs", "1"]).epochs == 1
+
+
+def start_script(args, marker, timeout=120):
+    """Start a repo script with unbuffered output; once a stdout line contains `marker`, return
+    (process, stdout lines, stderr lines, reader threads). The threads keep draining both
+    streams (tqdm's progress on stderr would otherwise fill the pipe and stall the script)."""
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    out, err, seen = [], [], threading.Event()
+
+    def pump(stream, lines, watch):
+        for line in stream:
+            lines.append(line)
+            if watch and marker in line:
+                seen.set()
+        if watch:
+            seen.set()  # end of output: stop waiting (the caller sees the marker missing)
+
+    threads = [threading.Thread(target=pump, args=(proc.stdout, out, True), daemon=True),
+               threading.Thread(target=pump, args=(proc.stderr, err, False), daemon=True)]
+    for thread in threads:
+        thread.start()
+    if not seen.wait(timeout) or not any(marker in line for line in out):
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"{args}: no {marker!r} within {timeout} s:\n{''.join(out)}\n{''.join(err)}")
+    return proc, out, err, threads
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tiny_mnist, tmp_path):
+    """Ctrl-C (SIGINT) during training finishes the current step, writes ckpt_interrupted.pt,
+    says how to resume and exits with status 0 (README "Training"); resuming from it ends with
+    the same weights as a run that was never interrupted."""
+    common = ["train.py", "--data_dir", tiny_mnist, *TINY_RUN, "--precision", "fp32", "--save_freq", "1000",
+              "--epochs", "1000"]
+    save_dir = tmp_path / "interrupted"
+    # training.train() installs its SIGINT handler just before it logs "training dit (...)"
+    proc, out, err, threads = start_script([*common, "--save_dir", str(save_dir), "--max_steps", "100000"],
+                                           marker="training dit (")
+    proc.send_signal(signal.SIGINT)
+    try:
+        returncode = proc.wait(timeout=120)
+    finally:
+        proc.kill()  # a no-op once it has exited
+    for thread in threads:
+        thread.join(10)
+    stdout, stderr = "".join(out), "".join(err)
+    assert returncode == 0, stdout + stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert "stopping: saving a resumable checkpoint" in stderr
+    interrupted = save_dir / "ckpt_interrupted.pt"
+    assert f"--resume {interrupted}" in stdout, stdout
+    assert sorted(os.listdir(save_dir)) == ["ckpt_interrupted.pt"]  # no final checkpoint, no temp file
+
+    ckpt = load_checkpoint(str(interrupted))
+    step = ckpt["step"]
+    assert 1 <= step < 100000 and ckpt["ema_updates"] == step  # the step under way was finished
+    steps_per_epoch = 48 // 16  # --subset 48, --batch_size 16
+    assert ckpt["epoch"] * steps_per_epoch + ckpt["batch_in_epoch"] == step
+
+    run_script(*common, "--save_dir", str(save_dir), "--max_steps", str(step + 2), "--resume", str(interrupted))
+    resumed = load_checkpoint(str(save_dir / "ckpt_final.pt"))
+    assert resumed["step"] == step + 2 and resumed["ema_updates"] == step + 2
+    run_script(*common, "--save_dir", str(tmp_path / "straight"), "--max_steps", str(step + 2))
+    straight = load_checkpoint(str(tmp_path / "straight" / "ckpt_final.pt"))
+    for key in ("model", "ema"):
+        for name, tensor in straight[key].items():
+            assert torch.allclose(tensor, resumed[key][name], atol=1e-6), (key, name)
