@@ -281,7 +281,7 @@ def print_table(rows):
 def main(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="fewer repetitions and estimated sampling times (about 90 s on 2 AVX2 cores)")
+                        help="fewer repetitions and estimated sampling times (87-105 s on 2 AVX2 cores)")
     parser.add_argument("--json", default=None, metavar="OUT",
                         help="also write the figures to this JSON file")
     parser.add_argument("--diffusers", action="store_true",
