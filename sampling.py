@@ -105,7 +105,8 @@ def sample(
     trajectory = []
     last = (None, None)  # DPM-Solver++(2M) history: (x0_hat, t) of the previous model call
     pairs = zip(timesteps, timesteps[1:] + [-1])  # (t, t_prev); t_prev = -1 is the clean image
-    for t, t_prev in tqdm(pairs, total=len(timesteps), desc=sampler, disable=not progress):
+    # leave=None: the bar stays on screen unless it is nested under generate_images' bar
+    for t, t_prev in tqdm(pairs, total=len(timesteps), desc=sampler, disable=not progress, leave=None):
         t_batch = torch.full((batch_size,), t, dtype=torch.long, device=device)  # (B,)
         eps = model_fn(x, t_batch).float()  # (B, C, H, W)
 
@@ -183,7 +184,9 @@ def generate_images(model, scheduler, num_samples, labels=None, guidance_scale=D
     generator = torch.Generator(device).manual_seed(seed)
     shape = (model.channels, model.img_size, model.img_size)
     chunks = []
-    for start in range(0, num_samples, batch_size):
+    starts = range(0, num_samples, batch_size)
+    # one bar over the batches when there are several, each with its own bar over the steps
+    for start in tqdm(starts, desc="batches", unit="batch", disable=not progress or len(starts) == 1):
         n = min(batch_size, num_samples - start)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             if labels is None:

@@ -75,3 +75,13 @@ def test_ctrl_c_outside_training_exits_with_the_sigint_status(capsys):
         run_main(interrupted_main)
     assert exit_info.value.code == 130
     assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_progress_shows_the_batches_and_changes_no_sample(capsys):
+    model = AutocastRecorder()
+    quiet = generate_images(model, NoiseScheduler(timesteps=10), 5, sampler="ddim", steps=2, batch_size=2)
+    shown = generate_images(model, NoiseScheduler(timesteps=10), 5, sampler="ddim", steps=2, batch_size=2,
+                            progress=True)
+    assert torch.equal(quiet, shown)
+    err = capsys.readouterr().err
+    assert "batches: 100%" in err and "3/3" in err  # 5 images in batches of 2
