@@ -450,7 +450,8 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.json:
-        check_output_file(args.json)  # now, not after minutes of classifier training and sampling
+        # now, not after minutes of classifier training and sampling; a missing folder is created
+        check_output_file(args.json, missing_folder_ok=True)
     try:
         if args.train_classifier_only:
             device = resolve_device(args.device)
@@ -465,6 +466,7 @@ def main(argv=None):
         sys.exit(f"error: {err}")
     print_report(report)
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
         print(f"wrote {args.json}")

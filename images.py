@@ -23,27 +23,32 @@ def is_directory_output(path):
 def check_output_dir(path):
     """Fail early, before any work, unless files can be written in directory `path`.
 
-    The directory is created (as it would be at the first write) and a scratch file is
-    written there and removed: a real write, because os.access says yes to root even on
-    a read-only mount."""
+    `path` need not exist yet (the first write creates it), and nothing is created now: a
+    scratch file is written and removed in `path`, or in its nearest existing parent when it
+    does not exist. A real write, because os.access says yes to root even on a read-only
+    mount."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise OutputError(f"cannot write files in the output directory {path}: {existing} is a file")
     try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as err:
         raise OutputError(f"cannot write files in the output directory {path}: "
                           f"{err.strerror or err}") from None
 
 
-def check_output_file(path):
-    """Fail early, before any work, when the file `path` cannot be written."""
+def check_output_file(path, missing_folder_ok=False):
+    """Fail early, before any work, when the file `path` cannot be written. Its folder must
+    exist unless missing_folder_ok (then the writer creates it)."""
     if os.path.isdir(path):
         raise OutputError(f"output is a directory, expected a file path: {path}")
     parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
+    if not missing_folder_ok and not os.path.isdir(parent):
         raise OutputError(f"output folder does not exist: {parent}")
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"output folder is not writable: {parent}")
+    check_output_dir(parent)
 
 
 def check_output(path):
@@ -60,6 +65,7 @@ def check_output(path):
 
 def _save_array(pixels, path):
     """pixels: uint8 (C, H, W) -> a grayscale or RGB file whose format follows the extension."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     array = pixels.permute(1, 2, 0).numpy()
     image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array[:, :, :3])
     image.save(path)
@@ -76,7 +82,6 @@ def save_grid(x, path, nrow=8, padding=2):
 
 def save_images(x, directory, names):
     """One PNG per sample: directory/<name>.png."""
-    os.makedirs(directory, exist_ok=True)
     for pixels, name in zip(to_uint8(x), names):
         _save_array(pixels, os.path.join(directory, f"{name}.png"))
 

@@ -32,6 +32,12 @@ def main(argv=None):
     # the same checks and DeviceError as train_cfg.py; no --device means CUDA when there is one
     requested = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if requested.type == "cuda":
+        if requested.index is not None:
+            raise DeviceError(f"--device {args.device}: under torchrun each process uses "
+                              "cuda:LOCAL_RANK; pass --device cuda (CUDA_VISIBLE_DEVICES picks the GPUs)")
+        if dist.local_rank >= torch.cuda.device_count():
+            raise DeviceError(f"LOCAL_RANK {dist.local_rank} but {torch.cuda.device_count()} GPU(s) "
+                              "visible: start at most one process per GPU (--nproc_per_node)")
         device = torch.device("cuda", dist.local_rank)  # one GPU per process: LOCAL_RANK picks it
         torch.cuda.set_device(device)
         torch_dist.init_process_group("nccl", device_id=device)

@@ -20,7 +20,7 @@ from cli import (add_device_arg, add_precision_arg, autocast_dtype, nonnegative_
 from checkpoint import clean_state_dict, load_checkpoint, save_checkpoint
 from data import load_training_set, make_loader, to_model_range
 from ema import EMA
-from images import check_output_dir, save_grid
+from images import OutputError, check_output_dir, save_grid
 from sampling import generate_images
 from scheduler import NoiseScheduler
 
@@ -98,6 +98,14 @@ class Dist:
     def barrier(self):
         if self.world_size > 1:
             torch_dist.barrier()
+
+    def from_main(self, value):
+        """Rank 0's value of a picklable object, on every rank."""
+        if self.world_size > 1:
+            values = [value]
+            torch_dist.broadcast_object_list(values, src=0)
+            value = values[0]
+        return value
 
     def mean(self, tensor):
         """Average a tensor over ranks (a no-op on one process)."""
@@ -224,8 +232,17 @@ def train(args, model_class, model_config, preview_labels=None, num_preview=16, 
     device = device or resolve_device(args.device)
     amp_dtype = autocast_dtype(args.precision, device)
     kind = model_class.kind
-    if dist.is_main:  # the only rank that writes; a save_dir it cannot write would lose the run
-        check_output_dir(args.save_dir)
+    # Rank 0 is the only writer: a save_dir it cannot write would lose the run. Every rank
+    # raises its error, so that none is left waiting for a rank 0 that has stopped.
+    save_dir_error = None
+    if dist.is_main:
+        try:
+            check_output_dir(args.save_dir)
+        except OutputError as err:
+            save_dir_error = str(err)
+    save_dir_error = dist.from_main(save_dir_error)
+    if save_dir_error:
+        raise OutputError(save_dir_error)
 
     resume = load_checkpoint(args.resume, expected_kind=kind) if args.resume else None
     if resume is not None:

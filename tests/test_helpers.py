@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cli import nonnegative_float, nonnegative_int, run_main
-from images import sample_names
+from images import OutputError, check_output_dir, check_output_file, sample_names
 from sampling import generate_images
 from scheduler import NoiseScheduler
 from training import training_step
@@ -85,3 +85,12 @@ def test_progress_shows_the_batches_and_changes_no_sample(capsys):
     assert torch.equal(quiet, shown)
     err = capsys.readouterr().err
     assert "batches: 100%" in err and "3/3" in err  # 5 images in batches of 2
+
+
+def test_output_checks_create_nothing(tmp_path):
+    """A run that fails a later check must not leave empty folders behind."""
+    check_output_dir(str(tmp_path / "new" / "run"))
+    check_output_file(str(tmp_path / "other" / "report.json"), missing_folder_ok=True)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(OutputError, match="does not exist"):
+        check_output_file(str(tmp_path / "other" / "report.json"))

@@ -234,10 +234,11 @@ def test_bad_figures_options(run_a, args, expected, tmp_path, monkeypatch, capsy
 
 
 @pytest.mark.parametrize("json_path,expected", [
-    ("{tmp}/missing_folder/report.json", "output folder does not exist"),
+    ("{tmp}/a_file/report.json", "a_file is a file"),   # its folder can never be created
     ("{tmp}", "output is a directory"),
 ])
 def test_bad_evaluate_json_stops_before_any_work(json_path, expected, tmp_path, monkeypatch, capsys):
+    (tmp_path / "a_file").write_text("not a directory")
     monkeypatch.setattr(evaluate, "evaluate", fail_if_called("evaluation started"))
     monkeypatch.setattr(evaluate, "load_or_train_classifier", fail_if_called("the classifier was loaded"))
     message = error_of(evaluate.main, ["--ckpt", "any.pt", "--json", json_path.format(tmp=tmp_path)],
@@ -262,6 +263,25 @@ def test_ddp_rejects_a_device_as_train_cfg_does(device, expected, tmp_path, monk
     if device == "cuda" or not torch.backends.mps.is_available():
         # the same message as the single-process script's
         assert ddp_message == error_of(train_cfg.main, args, monkeypatch, capsys)
+
+
+@pytest.mark.parametrize("device, local_rank, expected", [
+    ("cuda:0", "0", "each process uses cuda:LOCAL_RANK"),     # an index would be ignored
+    ("cuda", "1", "LOCAL_RANK 1 but 1 GPU(s) visible"),       # more processes than GPUs
+])
+def test_ddp_on_cuda_wants_one_gpu_per_process(device, local_rank, expected, tmp_path, monkeypatch, capsys):
+    """On a machine made to look like it has one GPU: both mistakes stop with one line before
+    any GPU is claimed or the process group joined."""
+    for name, value in (("RANK", local_rank), ("LOCAL_RANK", local_rank), ("WORLD_SIZE", "2"),
+                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", fail_if_called("a GPU was claimed"))
+    monkeypatch.setattr(train_cfg_ddp.torch_dist, "init_process_group",
+                        fail_if_called("the process group was joined"))
+    message = error_of(train_cfg_ddp.main, ["--device", device, "--save_dir", str(tmp_path)], monkeypatch, capsys)
+    assert expected in message
 
 
 def test_figures_guidance_sweep_and_trajectory(run_b, tmp_path):
@@ -327,7 +347,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tiny_mnist, tmp_path):
     says how to resume and exits with status 0 (README "Training"); resuming from it ends with
     the same weights as a run that was never interrupted."""
     common = ["train.py", "--data_dir", tiny_mnist, *TINY_RUN, "--precision", "fp32", "--save_freq", "1000",
-              "--epochs", "1000"]
+              "--epochs", "1000000"]  # far more steps than the test waits for: only Ctrl-C ends it
     save_dir = tmp_path / "interrupted"
     # training.train() installs its SIGINT handler just before it logs "training dit (...)"
     proc, out, err, threads = start_script([*common, "--save_dir", str(save_dir), "--max_steps", "100000"],
