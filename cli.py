@@ -18,6 +18,11 @@ class ArgumentParser(argparse.ArgumentParser):
     def convert_arg_line_to_args(self, arg_line):
         return arg_line.split("#", 1)[0].split()
 
+    def error(self, message):
+        """A bad option ends in one line, as every other bad input does; argparse would print
+        the whole usage block (dozens of options for the training scripts) above it."""
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
 
 def positive_int(text):
     value = int(text)
@@ -39,6 +44,15 @@ def nonnegative_float(text):
     if not (math.isfinite(value) and value >= 0):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
+
+
+def guidance_list(text):
+    """'0,1,2,3,5' -> [0.0, 1.0, 2.0, 3.0, 5.0] (an argparse type)."""
+    try:
+        return [nonnegative_float(s) for s in text.split(",")]
+    except (ValueError, argparse.ArgumentTypeError):  # not a number, or not a finite one >= 0
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated scales >= 0 such as 0,1,2,3,5, got {text!r}") from None
 
 
 def probability(text):

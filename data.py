@@ -15,6 +15,9 @@ from torchvision.datasets import MNIST
 from torchvision.transforms.v2 import functional as TF
 
 
+MNIST_CLASSES = 10  # the digits 0-9
+
+
 class DataError(RuntimeError):
     """The data set could not be read; the message says what to do."""
 

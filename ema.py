@@ -7,8 +7,8 @@ import torch
 class EMA:
     """ema <- ema + (1 - d) (model - ema) after every optimizer step.
 
-    The effective decay d = min(decay, (1 + n) / (10 + n)) after n updates warms up from
-    0.1, so that a short run's average is not dominated by the random initial weights.
+    The effective decay at the n-th update, d = min(decay, (1 + n) / (10 + n)), warms up from
+    2/11 (n = 1), so that a short run's average is not dominated by the random initial weights.
     """
 
     def __init__(self, model, decay):

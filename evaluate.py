@@ -24,7 +24,6 @@ so it is what N perfect samples would score. Confidence alone is a weak signal: 
 digits buried in noise (std 0.5) the classifier is 99% confident and 9% right, while
 their FID is about 180.
 """
-import argparse
 import json
 import math
 import os
@@ -40,9 +39,9 @@ from tqdm import tqdm
 import sampling
 from checkpoint import load_model, one_line_reason, save_checkpoint
 from cli import (ArgumentParser, UsageError, add_device_arg, add_precision_arg, add_sampler_args,
-                 autocast_dtype, default_precision, nonnegative_float, positive_int, resolve_device,
+                 autocast_dtype, guidance_list, nonnegative_float, positive_int, resolve_device,
                  resolve_steps, run_main)
-from data import load_mnist, resize_images, to_model_range
+from data import MNIST_CLASSES, load_mnist, resize_images, to_model_range
 from dit_cfg import ConditionalDiT
 from images import check_output_file
 
@@ -73,7 +72,7 @@ class MNISTClassifier(nn.Module):
     Normalisation happens inside, so every caller feeds plain [0, 1] pixels.
     """
 
-    def __init__(self, width=32, feature_dim=128, num_classes=10, dropout=0.3):
+    def __init__(self, width=32, feature_dim=128, num_classes=MNIST_CLASSES, dropout=0.3):
         super().__init__()
         self.config = dict(width=width, feature_dim=feature_dim, num_classes=num_classes,
                            dropout=dropout)
@@ -129,13 +128,14 @@ def classify(model, images, batch_size=500):
     return torch.cat(logits), torch.cat(features)
 
 
-def train_classifier(images, labels, test_images=None, test_labels=None, epochs=8, batch_size=128,
+def train_classifier(images, labels, test_images=None, test_labels=None, epochs=3, batch_size=128,
                      seed=0, device="cpu", max_steps=None, lr=2e-3, progress=True):
     """Train an MNISTClassifier; returns (model in eval mode, test accuracy or None).
 
     images: uint8 (N, 28, 28); labels: int64 (N,). AdamW with a one-cycle learning
-    rate, random shifts of up to 2 pixels, bf16 autocast where the hardware runs bf16
-    natively (cli.default_precision), fp32 elsewhere. Same seed, same machine -> same model.
+    rate, random shifts of up to 2 pixels, in fp32 on every device, so that the judge does
+    not depend on the hardware's precision (defaults: CLASSIFIER_RECIPE, the cached judge's).
+    Same seed, same machine -> same model.
     """
     torch.manual_seed(seed)  # weight init and dropout
     gen = torch.Generator().manual_seed(seed)  # batch order and shifts
@@ -152,7 +152,6 @@ def train_classifier(images, labels, test_images=None, test_labels=None, epochs=
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps,
                                                 pct_start=0.15)
-    use_bf16 = default_precision(device) == "bf16"
     # Once the loss is tiny, confident examples send gradients below float32's normal range;
     # CPU arithmetic on such denormals is 10-20x slower, so flush them to zero while training.
     flush = torch.set_flush_denormal(True)
@@ -163,9 +162,8 @@ def train_classifier(images, labels, test_images=None, test_labels=None, epochs=
             order = torch.randperm(len(images), generator=gen).to(device)
         idx = order[(step % steps_per_epoch) * batch_size:][:batch_size]
         x = _random_shift(images[idx], 2, gen).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            logits, _ = model(x)
-        loss = F.cross_entropy(logits.float(), labels[idx])
+        logits, _ = model(x)
+        loss = F.cross_entropy(logits, labels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -303,15 +301,6 @@ def image_metrics(logits, features, ref_stats, labels=None):
 # Command line
 
 
-def guidance_list(text):
-    """'0,1,2,3,5' -> [0.0, 1.0, 2.0, 3.0, 5.0] (an argparse type)."""
-    try:
-        return [nonnegative_float(s) for s in text.split(",")]
-    except (ValueError, argparse.ArgumentTypeError):  # not a number, or not a finite one >= 0
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated scales >= 0 such as 0,1,2,3,5, got {text!r}") from None
-
-
 def build_parser():
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", help="diffusion checkpoint written by train.py or train_cfg.py")
@@ -349,13 +338,13 @@ def evaluate(args):
     model, scheduler, ckpt = load_model(args.ckpt, device, use_ema=not args.no_ema)
     kind = ckpt["kind"]
     if kind == ConditionalDiT.kind:
-        if ckpt["model_config"]["num_classes"] != 10:
+        if ckpt["model_config"]["num_classes"] != MNIST_CLASSES:
             raise UsageError(f"{args.ckpt} has {ckpt['model_config']['num_classes']} classes; "
-                             "the MNIST classifier knows 10")
-        if args.num_samples % 10:
-            raise UsageError("--num_samples must be a multiple of 10 for model B "
-                             f"(N/10 per digit), got {args.num_samples}")
-        labels = torch.arange(10).repeat_interleave(args.num_samples // 10)  # (N,) 0,0,..,1,1,..
+                             f"the MNIST classifier knows {MNIST_CLASSES}")
+        if args.num_samples % MNIST_CLASSES:
+            raise UsageError(f"--num_samples must be a multiple of {MNIST_CLASSES} for model B "
+                             f"(N/{MNIST_CLASSES} per digit), got {args.num_samples}")
+        labels = torch.arange(MNIST_CLASSES).repeat_interleave(args.num_samples // MNIST_CLASSES)  # 0,0,..,1,1,..
         scales = args.guidance_sweep or [sampling.DEFAULT_GUIDANCE_SCALE
                                          if args.guidance_scale is None else args.guidance_scale]
     else:

@@ -11,11 +11,12 @@ import torch
 
 from cli import (ArgumentParser, add_sampling_args, load_for_sampling, nonnegative_float, run_main,
                  sampling_kwargs)
+from data import MNIST_CLASSES
 from dit_cfg import ConditionalDiT
 from images import sample_names, save_samples
 from sampling import DEFAULT_GUIDANCE_SCALE, generate_images
 
-DIGITS = range(10)
+DIGITS = range(MNIST_CLASSES)
 
 
 def label_arg(text):

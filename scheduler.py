@@ -264,7 +264,7 @@ class NoiseScheduler:
         ab = self._coef(self.alphas_cumprod, t, x)
         ab_prev = self._coef(self.alphas_cumprod_prev, t_prev + 1, x)  # ab_{t_prev}; 1 at t_prev = -1
 
-        x0_hat = (x - s * eps) / a
+        x0_hat = self.predict_x0(x, t, eps)
         if clip_x0:
             x0_hat = x0_hat.clamp(-1, 1)
             eps = (x - a * x0_hat) / s

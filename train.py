@@ -6,7 +6,7 @@
 """
 from cli import ArgumentParser, run_main
 from dit import DiT
-from training import add_training_args, train
+from training import add_training_args, parse_training_args, train
 
 
 def build_parser():
@@ -17,7 +17,7 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = parse_training_args(build_parser(), argv)
     model_config = dict(img_size=args.img_size, channels=args.channels, patch_size=args.patch_size,
                         dim=args.dim, depth=args.depth, heads=args.heads, mlp_ratio=args.mlp_ratio)
     train(args, DiT, model_config, num_preview=16)

@@ -10,9 +10,8 @@ import torch
 
 from cli import ArgumentParser, positive_int, probability, run_main
 from dit_cfg import ConditionalDiT
-from training import Dist, add_training_args, train
-
-NUM_CLASSES = 10  # MNIST digits; label 10 is the null label
+from data import MNIST_CLASSES
+from training import Dist, add_training_args, parse_training_args, train
 
 
 def build_parser():
@@ -28,14 +27,14 @@ def build_parser():
 
 
 def main(argv=None, dist=Dist(), device=None):
-    args = build_parser().parse_args(argv)
+    args = parse_training_args(build_parser(), argv)
     # ConditionalDiT rejects a bad --cond_tokens itself (ModelConfigError, one line via
     # run_main) before any data is read, so the rule lives in one place
     model_config = dict(img_size=args.img_size, channels=args.channels, patch_size=args.patch_size,
-                        num_classes=NUM_CLASSES, dim=args.dim, depth=args.depth, heads=args.heads,
+                        num_classes=MNIST_CLASSES, dim=args.dim, depth=args.depth, heads=args.heads,
                         mlp_ratio=args.mlp_ratio, cond_tokens=args.cond_tokens,
                         cond_drop_prob=args.cond_drop_prob)
-    preview_labels = torch.arange(NUM_CLASSES).repeat_interleave(8)  # one row per digit
+    preview_labels = torch.arange(MNIST_CLASSES).repeat_interleave(8)  # one row per digit; label 10 is the null label
     return train(args, ConditionalDiT, model_config, preview_labels=preview_labels,
                  num_preview=len(preview_labels), dist=dist, device=device)
 

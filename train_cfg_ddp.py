@@ -16,13 +16,13 @@ import torch.distributed as torch_dist
 
 import train_cfg
 from cli import DeviceError, resolve_device, run_main
-from training import Dist
+from training import Dist, parse_training_args
 
 TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def main(argv=None):
-    args = train_cfg.build_parser().parse_args(argv)  # fail on bad options before joining
+    args = parse_training_args(train_cfg.build_parser(), argv)  # fail on bad options before joining
     if any(name not in os.environ for name in TORCHRUN_ENV):
         sys.exit("error: train_cfg_ddp.py is started by torchrun, e.g. "
                  "`torchrun --nproc_per_node=2 train_cfg_ddp.py [options]` "

@@ -3,6 +3,7 @@
 The loop runs the same way on one process and under DDP (`Dist` says which rank this
 is); train_cfg_ddp.py only sets up the process group around it.
 """
+import argparse
 import itertools
 import os
 import signal
@@ -15,10 +16,10 @@ import torch.distributed as torch_dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cli import (add_device_arg, add_precision_arg, autocast_dtype, nonnegative_float, nonnegative_int,
-                 positive_int, probability, resolve_device)
+from cli import (UsageError, add_device_arg, add_precision_arg, autocast_dtype, nonnegative_float,
+                 nonnegative_int, positive_int, probability, resolve_device)
 from checkpoint import clean_state_dict, load_checkpoint, save_checkpoint
-from data import load_training_set, make_loader, to_model_range
+from data import DataError, load_training_set, make_loader, to_model_range
 from ema import EMA
 from images import OutputError, check_output_dir, save_grid
 from sampling import generate_images
@@ -80,6 +81,19 @@ def add_training_args(parser, *, img_size, patch_size, save_dir, epochs, batch_s
     add_device_arg(parser)
 
 
+def parse_training_args(parser, argv=None):
+    """The training options. With --resume, each option not given again on the command line
+    is the one the checkpoint's run used (saved in it), so `--resume CKPT` alone continues
+    that run as it was started, and any option given again overrides it."""
+    args = parser.parse_args(argv)
+    if args.resume is None:
+        return args
+    saved = load_checkpoint(args.resume)["args"]
+    # argparse fills in a default only where the namespace has no value yet
+    run_options = {key: value for key, value in saved.items() if key in vars(args) and key != "resume"}
+    return parser.parse_args(argv, namespace=argparse.Namespace(**run_options))
+
+
 # ----------------------------------------------------------------------------------------
 # Devices and distribution
 
@@ -106,6 +120,15 @@ class Dist:
             torch_dist.broadcast_object_list(values, src=0)
             value = values[0]
         return value
+
+    def first_error(self, error):
+        """The first rank's error message (a str, or None when every rank succeeded), on
+        every rank: a collective, so that no rank waits forever for one that has failed."""
+        if self.world_size > 1:
+            errors = [None] * self.world_size
+            torch_dist.all_gather_object(errors, error)
+            error = next((e for e in errors if e is not None), None)
+        return error
 
     def mean(self, tensor):
         """Average a tensor over ranks (a no-op on one process)."""
@@ -196,10 +219,11 @@ class StopFlag:
 # The loop
 
 
-def build_checkpoint(kind, model, ema, optimizer, scheduler, args, epoch, step, batch_in_epoch):
+def build_checkpoint(kind, model, ema, optimizer, scheduler, args, epoch, step, batch_in_epoch,
+                     world_size, device):
     rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        rng["cuda"] = torch.cuda.get_rng_state()
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)  # the training GPU's, not the current one's
     return {
         "kind": kind,
         "model_config": dict(model.config),
@@ -211,9 +235,25 @@ def build_checkpoint(kind, model, ema, optimizer, scheduler, args, epoch, step, 
         "epoch": epoch,
         "step": step,
         "batch_in_epoch": batch_in_epoch,
+        "world_size": world_size,
         "rng": rng,
         "args": {key: value for key, value in vars(args).items()},
     }
+
+
+def check_same_batches(args, resume, world_size):
+    """A run stopped mid-epoch continues at its position in the epoch's batches, which only
+    exists if the batches are cut the same way: refuse options that would cut them otherwise."""
+    if resume["batch_in_epoch"] == 0:
+        return  # at an epoch boundary any batching can follow
+    saved = dict(resume["args"], world_size=resume.get("world_size", world_size))
+    given = dict(vars(args), world_size=world_size)
+    changed = [f"{key} {saved[key]} -> {given[key]}" for key in ("batch_size", "subset", "seed", "world_size")
+               if saved.get(key) != given[key]]
+    if changed:
+        raise UsageError(f"{args.resume} stopped in the middle of an epoch; resuming it needs the same "
+                         f"batches, but {', '.join(changed)} (leave these options out, or resume "
+                         "from a checkpoint saved at the end of an epoch)")
 
 
 def save_preview(ema_model, scheduler, preview_labels, num_preview, path, device, amp_dtype):
@@ -246,6 +286,7 @@ def train(args, model_class, model_config, preview_labels=None, num_preview=16, 
 
     resume = load_checkpoint(args.resume, expected_kind=kind) if args.resume else None
     if resume is not None:
+        check_same_batches(args, resume, dist.world_size)  # before any work
         model_config = resume["model_config"]
         scheduler_config = resume["scheduler_config"]
     else:
@@ -258,13 +299,22 @@ def train(args, model_class, model_config, preview_labels=None, num_preview=16, 
     model = model_class(**model_config).to(device)
     scheduler = NoiseScheduler(**scheduler_config, device=device)
 
-    # MNIST: rank 0 downloads/reads first, the others wait, then read the same files
-    if dist.is_main:
-        images, labels = load_training_set(args.data_dir, model.img_size, model.channels, args.subset)
-    dist.barrier()
-    if not dist.is_main:
-        images, labels = load_training_set(args.data_dir, model.img_size, model.channels,
-                                           args.subset, download=False)
+    # MNIST, in turns, so that no two processes download into the same folder at once: rank 0
+    # first, then the first process of each other machine (it downloads only where --data_dir
+    # is not shared between machines), then all the others. A failure anywhere stops every rank.
+    data = None
+    for my_turn, download in ((dist.is_main, True), (dist.local_rank == 0, True), (True, False)):
+        error = None
+        if my_turn and data is None:
+            try:
+                data = load_training_set(args.data_dir, model.img_size, model.channels, args.subset,
+                                         download=download)
+            except DataError as err:
+                error = str(err)
+        error = dist.first_error(error)
+        if error:
+            raise DataError(error)
+    images, labels = data
     if device.type == "cuda" and args.num_workers == 0:
         images, labels = images.to(device), labels.to(device)  # the whole set lives on the GPU
     loader = make_loader(images, labels, args.batch_size, args.seed, dist.rank, dist.world_size,
@@ -301,7 +351,7 @@ def train(args, model_class, model_config, preview_labels=None, num_preview=16, 
     def save(name, preview_name=None):
         if dist.is_main:
             state = build_checkpoint(kind, model, ema, optimizer, scheduler, args, epoch, step,
-                                     batch_in_epoch)
+                                     batch_in_epoch, dist.world_size, device)
             path = os.path.join(args.save_dir, name)
             save_checkpoint(state, path)
             if preview_name:
@@ -369,7 +419,8 @@ def train(args, model_class, model_config, preview_labels=None, num_preview=16, 
     if stopped:
         save("ckpt_interrupted.pt")
         log(f"stopped at epoch {epoch}, step {step}; continue with "
-            f"--resume {os.path.join(args.save_dir, 'ckpt_interrupted.pt')}")
+            f"--resume {os.path.join(args.save_dir, 'ckpt_interrupted.pt')} "
+            "(the other options are read from the checkpoint)")
     else:
         save("ckpt_final.pt", "preview_final.png")
     return os.path.join(args.save_dir, "ckpt_interrupted.pt" if stopped else "ckpt_final.pt")

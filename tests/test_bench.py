@@ -1,8 +1,13 @@
 """bench.py's FLOP count, the basis of its GFLOP/s and share-of-peak figures, against a
-count written out by hand from the architecture."""
+count written out by hand from the architecture; and its option checks."""
+import sys
+
+import pytest
 import torch
 
+import bench
 from bench import count_flops, make_step, training_step_flops
+from cli import run_main
 from dit import DiT
 from dit_cfg import ConditionalDiT
 
@@ -42,3 +47,19 @@ def test_training_step_flops_scale_exactly_from_one_image():
                     batch=5)
         _, full_batch_step, _ = make_step(spec, cpu, None)
         assert training_step_flops(spec, cpu, None) == count_flops(full_batch_step)
+
+
+def test_bad_options_stop_before_any_timing(tmp_path, monkeypatch, capsys):
+    """An unknown precision, or a --json that cannot be written, ends in one line before the
+    minutes of timing (the JSON used to be opened only at the very end)."""
+    def never(*args, **kwargs):
+        pytest.fail("timing started although an option was bad")
+
+    monkeypatch.setattr(bench, "matmul_peak", never)
+    for argv, expected in ((["--precisions", "fp32,fp16"], "expected fp32, bf16 or both"),
+                           (["--json", str(tmp_path / "missing" / "b.json")], "output folder does not exist")):
+        monkeypatch.setattr(sys, "argv", ["bench.py", *argv])
+        with pytest.raises(SystemExit) as exit_info:
+            run_main(bench.main)
+        message = exit_info.value.code if isinstance(exit_info.value.code, str) else capsys.readouterr().err
+        assert expected in message and len(message.strip().splitlines()) == 1, message

@@ -91,6 +91,19 @@ def test_torchrun_every_rank_stops_when_rank_0_cannot_write(tiny_mnist, tmp_path
     assert result.stderr.count("error: cannot write files in the output directory") == 2, result.stderr
 
 
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun not on PATH")
+def test_torchrun_every_rank_stops_when_the_data_cannot_be_read(tmp_path):
+    """Rank 0 reads MNIST first while the others wait; when it fails, its error must reach
+    them, instead of leaving them at the collective that follows."""
+    (tmp_path / "a_file").write_text("not a data folder")  # unreadable, and nothing to download into
+    result = subprocess.run(
+        [TORCHRUN, "--standalone", "--nproc_per_node=2", "train_cfg_ddp.py", "--device", "cpu",
+         "--data_dir", str(tmp_path / "a_file"), "--save_dir", str(tmp_path / "run"), *TINY_MODEL],
+        cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.count("error: could not load MNIST") == 2, result.stderr
+
+
 def test_without_torchrun_says_how_to_start(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     result = subprocess.run([sys.executable, "train_cfg_ddp.py", "--save_dir", str(tmp_path)],

@@ -113,6 +113,31 @@ def test_resume_equals_an_uninterrupted_run(tiny_mnist, tmp_path):
             assert torch.allclose(tensor, resumed[key][name], atol=1e-6), (key, name)
 
 
+def test_resume_alone_continues_the_run_with_its_own_options(tiny_mnist, tmp_path, monkeypatch, capsys):
+    """`--resume CKPT` without the run's other options (data, batch, lr, EMA, save_dir...) takes
+    them from the checkpoint and ends where the uninterrupted run ends; an option given again
+    overrides, but one that would cut the interrupted epoch's batches differently is refused."""
+    recipe = ["--data_dir", tiny_mnist, *TINY_RUN, "--precision", "fp32", "--lr", "5e-3",
+              "--ema_decay", "0.9", "--seed", "3"]
+    run_script("train.py", *recipe, "--save_dir", str(tmp_path / "straight"), "--max_steps", "7")
+    part = tmp_path / "part"
+    run_script("train.py", *recipe, "--save_dir", str(part), "--max_steps", "4")
+    first = load_checkpoint(str(part / "ckpt_final.pt"))
+    assert first["batch_in_epoch"] == 1  # 48 images / 16 per batch: step 4 is inside epoch 2
+
+    message = error_of(train.main, ["--resume", str(part / "ckpt_final.pt"), "--batch_size", "8"],
+                       monkeypatch, capsys)
+    assert "middle of an epoch" in message and "batch_size 16 -> 8" in message
+
+    run_script("train.py", "--resume", str(part / "ckpt_final.pt"), "--max_steps", "7")
+    straight = load_checkpoint(str(tmp_path / "straight" / "ckpt_final.pt"))
+    resumed = load_checkpoint(str(part / "ckpt_final.pt"))  # the run's own save_dir
+    assert resumed["step"] == 7 and resumed["args"]["lr"] == 5e-3 and resumed["args"]["batch_size"] == 16
+    for key in ("model", "ema"):
+        for name, tensor in straight[key].items():
+            assert torch.allclose(tensor, resumed[key][name], atol=1e-6), (key, name)
+
+
 def test_corrupt_or_wrong_checkpoint_gives_one_line_error(run_a, run_b, tmp_path, monkeypatch, capsys):
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes((run_a / "ckpt_final.pt").read_bytes()[:1000])
@@ -130,6 +155,10 @@ def test_corrupt_or_wrong_checkpoint_gives_one_line_error(run_a, run_b, tmp_path
     result = run_script("infer.py", "--ckpt", str(corrupt), *out, check=False)
     assert result.returncode != 0 and "not a readable checkpoint" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    # a bad option too: argparse's exit status 2, one line rather than the whole usage block
+    result = run_script("infer.py", "--ckpt", str(corrupt), *out, "--num_samples", "0", check=False)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "--num_samples: must be a positive integer" in result.stderr and "--help" in result.stderr
 
 
 @pytest.mark.parametrize("args,expected", [
