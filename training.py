@@ -77,7 +77,8 @@ def add_training_args(parser, *, img_size, patch_size, save_dir, epochs, batch_s
     group.add_argument("--save_freq", type=positive_int, default=10,
                        help="write a checkpoint and a preview grid every N epochs")
     group.add_argument("--resume", default=None, metavar="CKPT",
-                       help="continue training from this checkpoint (its model config is used)")
+                       help="continue the run saved in this checkpoint, with its model and options "
+                            "(options given again override them)")
     add_device_arg(parser)
 
 
@@ -241,9 +242,16 @@ def build_checkpoint(kind, model, ema, optimizer, scheduler, args, epoch, step, 
     }
 
 
-def check_same_batches(args, resume, world_size):
-    """A run stopped mid-epoch continues at its position in the epoch's batches, which only
-    exists if the batches are cut the same way: refuse options that would cut them otherwise."""
+def check_resume_options(args, resume, world_size):
+    """Refuse options given with --resume that the run cannot take: a different model or
+    noise schedule (both are the checkpoint's), or, for a run stopped mid-epoch, anything that
+    would cut that epoch's batches differently from the ones it was part-way through."""
+    run_config = dict(resume["model_config"], **resume["scheduler_config"])
+    changed = [f"--{key} {getattr(args, key)} (the checkpoint's is {value})"
+               for key, value in run_config.items() if getattr(args, key, value) != value]
+    if changed:
+        raise UsageError(f"{args.resume} holds a model and schedule of its own, but {', '.join(changed)}: "
+                         "leave these options out to resume, or start a new run")
     if resume["batch_in_epoch"] == 0:
         return  # at an epoch boundary any batching can follow
     saved = dict(resume["args"], world_size=resume.get("world_size", world_size))
@@ -286,7 +294,7 @@ def train(args, model_class, model_config, preview_labels=None, num_preview=16, 
 
     resume = load_checkpoint(args.resume, expected_kind=kind) if args.resume else None
     if resume is not None:
-        check_same_batches(args, resume, dist.world_size)  # before any work
+        check_resume_options(args, resume, dist.world_size)  # before any work
         model_config = resume["model_config"]
         scheduler_config = resume["scheduler_config"]
     else:

@@ -116,7 +116,8 @@ def test_resume_equals_an_uninterrupted_run(tiny_mnist, tmp_path):
 def test_resume_alone_continues_the_run_with_its_own_options(tiny_mnist, tmp_path, monkeypatch, capsys):
     """`--resume CKPT` without the run's other options (data, batch, lr, EMA, save_dir...) takes
     them from the checkpoint and ends where the uninterrupted run ends; an option given again
-    overrides, but one that would cut the interrupted epoch's batches differently is refused."""
+    overrides, but one that would change the model or cut the interrupted epoch's batches
+    differently is refused."""
     recipe = ["--data_dir", tiny_mnist, *TINY_RUN, "--precision", "fp32", "--lr", "5e-3",
               "--ema_decay", "0.9", "--seed", "3"]
     run_script("train.py", *recipe, "--save_dir", str(tmp_path / "straight"), "--max_steps", "7")
@@ -128,6 +129,8 @@ def test_resume_alone_continues_the_run_with_its_own_options(tiny_mnist, tmp_pat
     message = error_of(train.main, ["--resume", str(part / "ckpt_final.pt"), "--batch_size", "8"],
                        monkeypatch, capsys)
     assert "middle of an epoch" in message and "batch_size 16 -> 8" in message
+    message = error_of(train.main, ["--resume", str(part / "ckpt_final.pt"), "--dim", "64"], monkeypatch, capsys)
+    assert "--dim 64 (the checkpoint's is 32)" in message  # the model is the checkpoint's
 
     run_script("train.py", "--resume", str(part / "ckpt_final.pt"), "--max_steps", "7")
     straight = load_checkpoint(str(tmp_path / "straight" / "ckpt_final.pt"))
