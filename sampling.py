@@ -139,6 +139,14 @@ def sample(
 # From a trained model to images: what infer.py, infer_cfg.py, evaluate.py and the
 # training previews call.
 
+# Training previews show a model early in training, when the ODE samplers read worst: on a
+# weakly trained default-size model B (1000 digits, guidance 5, seed 0; README "Performance")
+# respaced ancestral DDPM with 10 steps scored 79.3% per-digit accuracy against 69.8% for
+# DPM-Solver++(2M) with 10 steps, at the same cost (10 model calls). Its fresh noise at each
+# step corrects part of a weak model's error, which a deterministic solver carries to the end.
+PREVIEW_SAMPLER = "ddpm"
+PREVIEW_STEPS = 10
+
 # DPM-Solver++(2M) with 20 steps matched DDIM with 50 on a CPU-recipe checkpoint (28x28)
 # (500 digits at s=4: 73.0% vs 73.8% accuracy, MNIST-FID 33.1 vs 32.9) in 67 s instead of 172 s.
 DEFAULT_SAMPLER = "dpm++2m"
