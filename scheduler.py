@@ -19,11 +19,42 @@ import numbers
 import torch
 
 SCHEDULES = ("linear", "cosine")
+# The linear schedule's beta_start and beta_end are given for this many steps (Ho et al.:
+# 1e-4 and 0.02 at T = 1000) and scaled by LINEAR_REFERENCE_TIMESTEPS / T for another T.
+LINEAR_REFERENCE_TIMESTEPS = 1000
+
+
+class ScheduleError(ValueError):
+    """Schedule options that give no valid schedule; the message is one line naming them."""
 
 
 def _compute_dtype(x):
     """Dtype the update math runs in: float64 for float64 inputs, float32 otherwise (bf16, fp16)."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _linear_betas(timesteps, beta_start, beta_end):
+    """Betas evenly spaced between the endpoints scaled to T steps (improved-diffusion's rule):
+
+    beta_t = k beta_start + t / (T - 1) * k (beta_end - beta_start),  k = 1000 / T,  t = 0 .. T-1
+
+    Why scale: sum_t beta_t = 1000 (beta_start + beta_end) / 2 then holds for every T >= 2, and
+    since log(1 - b) <= -b, ab_{T-1} <= exp(-sum_t beta_t) = exp(-10.05) = 4.3e-5 for the default
+    endpoints: the chain ends near N(0, I) whatever T. Unscaled, T = 100 would end at
+    ab_{T-1} = 0.36 and sampling from N(0, I) would start far from q(x_{T-1}). k = 1 at T = 1000,
+    so the default schedule is the paper's to the bit.
+    """
+    scale = LINEAR_REFERENCE_TIMESTEPS / timesteps
+    start, end = scale * beta_start, scale * beta_end
+    if not (0 < start < 1 and 0 < end < 1):
+        largest = max(beta_start, beta_end)
+        hint = (f"; use timesteps >= {math.floor(LINEAR_REFERENCE_TIMESTEPS * largest) + 1} or schedule='cosine'"
+                if min(beta_start, beta_end) > 0 else "")
+        raise ScheduleError(
+            f"the linear schedule's betas must lie in (0, 1), but beta_start={beta_start} and beta_end={beta_end} "
+            f"(given for T={LINEAR_REFERENCE_TIMESTEPS}) become {start:g} and {end:g} at timesteps={timesteps}{hint}"
+        )
+    return torch.linspace(start, end, timesteps, dtype=torch.float64)  # (T,)
 
 
 def _cosine_betas(timesteps, s=0.008):
@@ -42,9 +73,10 @@ class NoiseScheduler:
 
     Args:
         timesteps: number of diffusion steps T.
-        beta_start, beta_end: first and last beta of the "linear" schedule
-            (Ho et al.: 1e-4 and 0.02 for T = 1000). Unused by "cosine", which
-            is fully determined by T.
+        beta_start, beta_end: first and last beta of the "linear" schedule at
+            T = 1000 (Ho et al.: 1e-4 and 0.02); for another T both are scaled by
+            1000 / T, so that every T ends near pure noise. Unused by "cosine",
+            which is fully determined by T.
         schedule: "linear" (betas evenly spaced from beta_start to beta_end) or
             "cosine" (Nichol & Dhariwal 2021).
         device: where the per-step tensors live.
@@ -63,23 +95,18 @@ class NoiseScheduler:
 
     def __init__(self, timesteps=1000, beta_start=1e-4, beta_end=0.02, schedule="linear", device="cpu"):
         if schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
+            raise ScheduleError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
         if not isinstance(timesteps, numbers.Integral) or timesteps < 1:
-            raise ValueError(f"timesteps must be an integer >= 1, got {timesteps!r}")
+            raise ScheduleError(f"timesteps must be an integer >= 1, got {timesteps!r}")
         self.num_timesteps = int(timesteps)
         self.beta_start = beta_start
         self.beta_end = beta_end
         self.schedule = schedule
 
         if schedule == "linear":
-            betas = torch.linspace(beta_start, beta_end, self.num_timesteps, dtype=torch.float64)
+            betas = _linear_betas(self.num_timesteps, beta_start, beta_end)
         else:
-            betas = _cosine_betas(self.num_timesteps)
-        if not ((betas > 0).all() and (betas < 1).all()):
-            raise ValueError(
-                f"betas must lie in (0, 1), got range [{betas.min().item():g}, {betas.max().item():g}] "
-                f"(beta_start={beta_start}, beta_end={beta_end})"
-            )
+            betas = _cosine_betas(self.num_timesteps)  # in (0, 0.999] for every T
 
         # All (T,) float64 here; stored as float32 below.
         alphas = 1 - betas  # alpha_t = 1 - beta_t

@@ -13,8 +13,10 @@ SHAPE = (2, 1, 8, 8)
 
 
 def ref_ab(schedule, T=1000):
-    """float64 (T,) tensor of alpha bar, from the papers (tests/conftest.py), for the oracles."""
-    return torch.from_numpy(ref_alphas_cumprod(schedule, T)[1])
+    """float64 (T,) tensor of alpha bar, from the papers (tests/conftest.py), for the oracles;
+    the linear schedule's endpoints 1e-4 and 0.02 are for T = 1000 and scaled by 1000 / T."""
+    k = 1000 / T
+    return torch.from_numpy(ref_alphas_cumprod(schedule, T, beta_start=1e-4 * k, beta_end=0.02 * k)[1])
 
 
 def seeded(seed=0):
@@ -402,8 +404,8 @@ def test_default_steps():
         sample(model, NoiseScheduler(), SHAPE, sampler=sampler, generator=seeded())
         assert len(model.calls) == expected_calls
     # Small T: the default step count is capped at T.
-    model = PointOracle(torch.zeros(SHAPE), ref_ab("linear", T=10))
-    sample(model, NoiseScheduler(timesteps=10), SHAPE, sampler="ddim", generator=seeded())
+    model = PointOracle(torch.zeros(SHAPE), ref_ab("cosine", T=10))
+    sample(model, NoiseScheduler(timesteps=10, schedule="cosine"), SHAPE, sampler="ddim", generator=seeded())
     assert len(model.calls) == 10
 
 
@@ -422,14 +424,16 @@ def test_seeded_generator_reproduces_samples(sampler, steps, eta):
 
 
 def test_low_precision_model_output_is_cast():
-    model = PointOracle(torch.zeros(SHAPE), ref_ab("linear", T=10))
-    out = sample(lambda x, t: model(x, t).bfloat16(), NoiseScheduler(timesteps=10), SHAPE, generator=seeded())
+    model = PointOracle(torch.zeros(SHAPE), ref_ab("cosine", T=10))
+    out = sample(lambda x, t: model(x, t).bfloat16(), NoiseScheduler(timesteps=10, schedule="cosine"), SHAPE,
+                 generator=seeded())
     assert out.dtype == torch.float32
 
 
 def test_progress_bar(capsys):
-    model = PointOracle(torch.zeros(SHAPE), ref_ab("linear", T=10))
-    sample(model, NoiseScheduler(timesteps=10), SHAPE, sampler="ddim", steps=5, progress=True, generator=seeded())
+    model = PointOracle(torch.zeros(SHAPE), ref_ab("cosine", T=10))
+    sample(model, NoiseScheduler(timesteps=10, schedule="cosine"), SHAPE, sampler="ddim", steps=5, progress=True,
+           generator=seeded())
     assert "5/5" in capsys.readouterr().err
 
 
@@ -447,7 +451,7 @@ def test_progress_bar(capsys):
 def test_bad_arguments_raise_before_sampling(kwargs, match):
     calls = []
     with pytest.raises(ValueError, match=match):
-        sample(lambda x, t: calls.append(t) or x, NoiseScheduler(timesteps=10), SHAPE, **kwargs)
+        sample(lambda x, t: calls.append(t) or x, NoiseScheduler(timesteps=10, schedule="cosine"), SHAPE, **kwargs)
     assert not calls
 
 

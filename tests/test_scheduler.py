@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from scheduler import NoiseScheduler
+from scheduler import NoiseScheduler, ScheduleError
 from tests.conftest import ref_alphas_cumprod
 
 T = 1000
@@ -77,6 +77,60 @@ def test_cosine_alpha_bar_closed_form():
     assert s.alphas_cumprod[-1].item() == pytest.approx(f(T - 1) / f(0) * 0.001, rel=1e-4)
 
 
+def test_default_linear_schedule_is_the_papers_to_the_bit():
+    """At T = 1000 the 1000 / T scaling is a multiplication by 1.0: every table is what the
+    unscaled float64 linspace(1e-4, 0.02, 1000) gives, rounded once to float32."""
+    s = NoiseScheduler()
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    ab = torch.cumprod(1 - betas, dim=0)
+    assert torch.equal(s.betas, betas.float())
+    assert torch.equal(s.alphas_cumprod, ab.float())
+    assert torch.equal(s.sqrt_alphas_cumprod, ab.sqrt().float())
+
+
+def test_linear_schedule_scales_its_endpoints_by_1000_over_T():
+    """beta_start and beta_end are given for T = 1000: at T = 100 the betas run from
+    1e-4 * 10 = 1e-3 to 0.02 * 10 = 0.2, beta_t = 1e-3 + t (0.2 - 1e-3) / 99."""
+    s = NoiseScheduler(timesteps=100)
+    np.testing.assert_allclose(np_(s.betas[[0, 33, 99]]), [1e-3, 1e-3 + 33 * 0.199 / 99, 0.2], rtol=1e-6)
+    betas, ab = ref_alphas_cumprod("linear", T=100, beta_start=1e-3, beta_end=0.2)
+    np.testing.assert_allclose(np_(s.betas), betas, rtol=1e-6)
+    np.testing.assert_allclose(np_(s.alphas_cumprod), ab, rtol=1e-5)
+    # the 64-step schedule of other endpoints: k = 1000 / 64 = 15.625
+    s = NoiseScheduler(timesteps=64, beta_start=2e-4, beta_end=0.03)
+    np.testing.assert_allclose(np_(s.betas[[0, 63]]), [3.125e-3, 0.46875], rtol=1e-6)
+
+
+# With endpoints scaled by 1000 / T, sum_t beta_t = T (k b0 + k b1) / 2 = 1000 (b0 + b1) / 2
+# = 10.05 for every T, and log(1 - b) <= -b gives ab_{T-1} <= exp(-10.05) = 4.3e-5: x_{T-1} ~
+# N(sqrt(ab) x0, (1 - ab) I) is then within a mean of sqrt(4.3e-5) = 0.0066 (for |x0| <= 1) and a
+# variance of 4.3e-5 of the N(0, I) that sampling starts from. The cosine schedule clips its last
+# beta at 0.999 (f(T) = cos^2(pi / 2) = 0), so ab_{T-1} <= 1 - 0.999 = 1e-3 there: a mean within
+# 0.032. Unscaled, the linear schedule at T = 100 ends at ab = 0.36, far above both bounds.
+PURE_NOISE_BOUND = {"linear": math.exp(-1000 * (1e-4 + 0.02) / 2), "cosine": 1e-3}
+
+
+@pytest.mark.parametrize("schedule, smallest_T", [("linear", 21), ("cosine", 1)])
+def test_every_allowed_T_ends_near_pure_noise(schedule, smallest_T):
+    """Every T the schedule accepts, from the smallest (linear: 0.02 * 1000 / T < 1 needs
+    T >= 21) to 1000, and a few longer chains."""
+    for T in [*range(smallest_T, 1001), 1500, 4000]:
+        s = NoiseScheduler(timesteps=T, schedule=schedule)
+        assert s.alphas_cumprod[-1].item() <= PURE_NOISE_BOUND[schedule] * (1 + 1e-5), T
+        assert (s.betas > 0).all() and (s.betas < 1).all(), T
+        if schedule == "linear" and T > 1:
+            assert s.betas.double().sum().item() == pytest.approx(10.05, rel=1e-6), T
+
+
+@pytest.mark.parametrize("T", [1, 10, 20])
+def test_linear_schedule_refuses_T_whose_betas_leave_0_1(T):
+    """0.02 * 1000 / T >= 1 for T <= 20: one line naming the bound and the way out."""
+    with pytest.raises(ScheduleError, match=r"\(0, 1\).*timesteps >= 21 or schedule='cosine'") as info:
+        NoiseScheduler(timesteps=T)
+    assert "\n" not in str(info.value)
+    assert NoiseScheduler(timesteps=T, schedule="cosine").num_timesteps == T
+
+
 def test_alphas_cumprod_prev_is_shifted_by_one():
     s = NoiseScheduler(timesteps=50)
     assert s.alphas_cumprod_prev[0].item() == 1.0
@@ -113,12 +167,12 @@ def test_config_roundtrip_and_to():
     ],
 )
 def test_invalid_schedule_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ScheduleError, match=match):
         NoiseScheduler(**kwargs)
 
 
 def test_invalid_python_timesteps():
-    s = NoiseScheduler(timesteps=10)
+    s = NoiseScheduler(timesteps=10, schedule="cosine")
     x = torch.zeros(1, 1, 2, 2)
     for bad in (-1, 10, 2.5):
         with pytest.raises(ValueError, match=r"t must be an integer in \[0, 9\]"):
@@ -134,7 +188,7 @@ def test_invalid_python_timesteps():
 
 
 def test_sample_timesteps_cover_the_range():
-    s = NoiseScheduler(timesteps=5)
+    s = NoiseScheduler(timesteps=5, schedule="cosine")
     t = s.sample_timesteps(4000, generator=torch.Generator().manual_seed(0))
     assert t.shape == (4000,) and t.dtype == torch.int64
     assert t.min().item() == 0 and t.max().item() == 4
