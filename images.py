@@ -63,21 +63,48 @@ def check_output(path):
     check_output_file(path)
 
 
+def _to_image(pixels):
+    """uint8 (C, H, W) -> a grayscale (C = 1) or RGB PIL image."""
+    array = pixels.permute(1, 2, 0).numpy()
+    return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array[:, :, :3])
+
+
 def _save_array(pixels, path):
     """pixels: uint8 (C, H, W) -> a grayscale or RGB file whose format follows the extension."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    array = pixels.permute(1, 2, 0).numpy()
-    image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array[:, :, :3])
-    image.save(path)
+    _to_image(pixels).save(path)
 
 
-def save_grid(x, path, nrow=8, padding=2):
-    """All samples of (B, C, H, W) in one picture, `nrow` per row."""
+def grid_pixels(x, nrow=8, padding=2, scale=1):
+    """All samples of (B, C, H, W) in one uint8 picture (1 or C, H', W'), `nrow` per row,
+    then each pixel repeated scale x scale times: a nearest-neighbour magnification, so that a
+    28-pixel digit can be seen on a screen without blurring it into something the model did
+    not draw."""
+    if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
+        raise ValueError(f"scale must be a positive integer, got {scale!r}")
     padding = 0 if len(x) == 1 else padding  # a single sample keeps its exact size
     pixels = make_grid(to_uint8(x), nrow=nrow, padding=padding, pad_value=0)
     if x.shape[1] == 1:
         pixels = pixels[:1]  # make_grid repeats a single channel three times
-    _save_array(pixels, path)
+    return pixels.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
+
+
+def save_grid(x, path, nrow=8, padding=2, scale=1):
+    """All samples of (B, C, H, W) in one picture, `nrow` per row, magnified `scale` times."""
+    _save_array(grid_pixels(x, nrow, padding, scale), path)
+
+
+def save_gif(frames, path, nrow=8, padding=2, scale=1, frame_ms=100, last_ms=2000):
+    """An animated GIF that loops: one frame per (B, C, H, W) batch of `frames`, each laid out
+    as save_grid lays it out, shown frame_ms milliseconds, the last one last_ms.
+
+    Grayscale frames are stored exactly (GIF's 256-entry palette holds every gray); colour
+    ones are reduced to 256 colours. The GIF writer merges a frame identical to the one
+    before it into that one (their times add up), so the file can hold fewer frames."""
+    images = [_to_image(grid_pixels(x, nrow, padding, scale)) for x in frames]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    durations = [frame_ms] * (len(images) - 1) + [last_ms]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=durations, loop=0)
 
 
 def save_images(x, directory, names):
