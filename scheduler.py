@@ -68,6 +68,38 @@ def _cosine_betas(timesteps, s=0.008):
     return (1 - f[1:] / f[:-1]).clamp(max=0.999)  # (T,)
 
 
+def _schedule_tables(betas, alphas_cumprod):
+    """Every per-step table of a chain, float64 (K,) each, from its betas and alpha bars.
+
+    alphas_cumprod is taken, not recomputed from the betas, so that a respaced chain keeps the
+    full schedule's alpha bars exactly.
+    """
+    alphas = 1 - betas  # alpha_t = 1 - beta_t
+    # ab_{t-1}, with ab_{-1} = 1 (nothing noised before the first step)
+    alphas_cumprod_prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
+    return {
+        "betas": betas,
+        "alphas": alphas,
+        "alphas_cumprod": alphas_cumprod,
+        "alphas_cumprod_prev": alphas_cumprod_prev,
+        # q(x_t | x0) = N(sqrt(ab_t) x0, (1 - ab_t) I)
+        "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
+        "sqrt_one_minus_alphas_cumprod": (1 - alphas_cumprod).sqrt(),
+        # 1 / sqrt(alpha_t), from the reverse mean (Ho et al. eq. 11)
+        "sqrt_recip_alphas": alphas.rsqrt(),
+        # q(x_{t-1} | x_t, x0) = N(coef1_t x0 + coef2_t x_t, beta~_t I)   (Ho et al. eq. 6-7)
+        # beta~_t = beta_t (1 - ab_{t-1}) / (1 - ab_t)
+        "posterior_variance": betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod),
+        # coef1_t = beta_t sqrt(ab_{t-1}) / (1 - ab_t)          (multiplies x0)
+        "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1 - alphas_cumprod),
+        # coef2_t = sqrt(alpha_t) (1 - ab_{t-1}) / (1 - ab_t)   (multiplies x_t)
+        "posterior_mean_coef2": alphas.sqrt() * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod),
+        # lambda_t = log(alpha_t / sigma_t) = 1/2 log(ab_t / (1 - ab_t)), the half
+        # log-SNR that DPM-Solver steps in (Lu et al. 2022)
+        "lambdas": 0.5 * (alphas_cumprod.log() - torch.log1p(-alphas_cumprod)),
+    }
+
+
 class NoiseScheduler:
     """Fixed variance schedule of a DDPM and its forward / reverse steps.
 
@@ -98,55 +130,66 @@ class NoiseScheduler:
             raise ScheduleError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
         if not isinstance(timesteps, numbers.Integral) or timesteps < 1:
             raise ScheduleError(f"timesteps must be an integer >= 1, got {timesteps!r}")
-        self.num_timesteps = int(timesteps)
-        self.beta_start = beta_start
-        self.beta_end = beta_end
-        self.schedule = schedule
-
         if schedule == "linear":
-            betas = _linear_betas(self.num_timesteps, beta_start, beta_end)
+            betas = _linear_betas(int(timesteps), beta_start, beta_end)
         else:
-            betas = _cosine_betas(self.num_timesteps)  # in (0, 0.999] for every T
+            betas = _cosine_betas(int(timesteps))  # in (0, 0.999] for every T
+        alphas_cumprod = torch.cumprod(1 - betas, dim=0)  # ab_t = prod_{s<=t} alpha_s
+        self.beta_start, self.beta_end, self.schedule = beta_start, beta_end, schedule
+        self._config = {"timesteps": int(timesteps), "beta_start": beta_start, "beta_end": beta_end,
+                        "schedule": schedule}
+        self._set_tables(betas, alphas_cumprod, torch.arange(int(timesteps)), device)
 
-        # All (T,) float64 here; stored as float32 below.
-        alphas = 1 - betas  # alpha_t = 1 - beta_t
-        alphas_cumprod = torch.cumprod(alphas, dim=0)  # ab_t = prod_{s<=t} alpha_s
-        # ab_{t-1}, with ab_{-1} = 1 (nothing noised before the first step)
-        alphas_cumprod_prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
-        tensors = {
-            "betas": betas,
-            "alphas": alphas,
-            "alphas_cumprod": alphas_cumprod,
-            "alphas_cumprod_prev": alphas_cumprod_prev,
-            # q(x_t | x0) = N(sqrt(ab_t) x0, (1 - ab_t) I)
-            "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
-            "sqrt_one_minus_alphas_cumprod": (1 - alphas_cumprod).sqrt(),
-            # 1 / sqrt(alpha_t), from the reverse mean (Ho et al. eq. 11)
-            "sqrt_recip_alphas": alphas.rsqrt(),
-            # q(x_{t-1} | x_t, x0) = N(coef1_t x0 + coef2_t x_t, beta~_t I)   (Ho et al. eq. 6-7)
-            # beta~_t = beta_t (1 - ab_{t-1}) / (1 - ab_t)
-            "posterior_variance": betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod),
-            # coef1_t = beta_t sqrt(ab_{t-1}) / (1 - ab_t)          (multiplies x0)
-            "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1 - alphas_cumprod),
-            # coef2_t = sqrt(alpha_t) (1 - ab_{t-1}) / (1 - ab_t)   (multiplies x_t)
-            "posterior_mean_coef2": alphas.sqrt() * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod),
-            # lambda_t = log(alpha_t / sigma_t) = 1/2 log(ab_t / (1 - ab_t)), the half
-            # log-SNR that DPM-Solver steps in (Lu et al. 2022)
-            "lambdas": 0.5 * (alphas_cumprod.log() - torch.log1p(-alphas_cumprod)),
-        }
+    def _set_tables(self, betas, alphas_cumprod, timesteps, device):
+        """Store every per-step table from the float64 (K,) betas and alpha bars of a chain whose
+        step k runs from the model's timestep timesteps[k] to timesteps[k-1] (-1 at k = 0)."""
+        self.num_timesteps = len(betas)
+        self.timesteps = timesteps  # (K,) int64 on the CPU; arange(T) for the full schedule
+        self._betas64, self._alphas_cumprod64 = betas, alphas_cumprod  # kept for respaced()
+        tensors = _schedule_tables(betas, alphas_cumprod)
         self.device = torch.device(device)
         for name in self._TENSORS:
             setattr(self, name, tensors[name].to(device=self.device, dtype=torch.float32))
 
+    def respaced(self, timesteps):
+        """The chain that visits only `timesteps`, as a NoiseScheduler of K = len(timesteps) steps
+        (Nichol & Dhariwal 2021, sec. 4).
+
+        With s_0 < s_1 < ... < s_{K-1} the timesteps sorted and s_{-1} = -1 (ab_{-1} = 1), step k
+        of the new chain jumps from s_k to s_{k-1}; it keeps the marginals q(x_{s_k} | x0) and
+        takes the betas that make its product of alphas reach them:
+
+            ab'_k   = ab_{s_k}
+            beta'_k = 1 - ab_{s_k} / ab_{s_{k-1}}
+
+        Every other table follows from these as in the full schedule, so the new chain's
+        sample_prev_image_distribution(x, k, ...) is the ancestral step s_k -> s_{k-1} with
+        variance "beta" (sigma^2 = beta'_k) or "posterior" (sigma^2 = beta'_k (1 - ab'_{k-1}) /
+        (1 - ab'_k)). Where s_{k-1} = s_k - 1 the jump is one step of the full chain and beta'_k
+        is beta_{s_k} itself (the ratio equals it only up to rounding), so respacing to all T
+        timesteps gives back this schedule to the bit. The result's `timesteps` holds s_k: the
+        timestep the model is called with at step k. Its `config` is this schedule's.
+        """
+        s = sorted(int(t) for t in timesteps)
+        if not s or len(set(s)) != len(s) or s[0] < 0 or s[-1] >= self.num_timesteps:
+            raise ValueError(f"timesteps must be distinct integers in [0, {self.num_timesteps - 1}], "
+                             f"got {list(timesteps)!r}")
+        k = torch.tensor(s)  # (K,) the steps kept, increasing
+        alphas_cumprod = self._alphas_cumprod64[k]  # ab'_k = ab_{s_k}
+        alphas_cumprod_prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])  # ab'_{k-1}
+        k_prev = torch.cat([k.new_full((1,), -1), k[:-1]])
+        betas = torch.where(k_prev == k - 1, self._betas64[k], 1 - alphas_cumprod / alphas_cumprod_prev)
+        chain = object.__new__(NoiseScheduler)
+        chain.beta_start, chain.beta_end, chain.schedule = self.beta_start, self.beta_end, self.schedule
+        chain._config = dict(self._config)
+        chain._set_tables(betas, alphas_cumprod, self.timesteps[k], self.device)
+        return chain
+
     @property
     def config(self):
-        """Plain dict that rebuilds this schedule: NoiseScheduler(**config, device=...)."""
-        return {
-            "timesteps": self.num_timesteps,
-            "beta_start": self.beta_start,
-            "beta_end": self.beta_end,
-            "schedule": self.schedule,
-        }
+        """Plain dict that rebuilds this schedule: NoiseScheduler(**config, device=...); for a
+        respaced chain, the full schedule it was respaced from."""
+        return dict(self._config)
 
     def to(self, device):
         """Move every per-step tensor to `device`; returns self."""
@@ -157,7 +200,10 @@ class NoiseScheduler:
 
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.config.items())
-        return f"NoiseScheduler({args}, device={str(self.device)!r})"
+        full = f"NoiseScheduler({args}, device={str(self.device)!r})"
+        if self.num_timesteps == self._config["timesteps"]:
+            return full
+        return f"{full}.respaced({self.timesteps.tolist()})"
 
     # ------------------------------------------------------------------ helpers
 

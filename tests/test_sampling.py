@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from sampling import DEFAULT_STEPS, SAMPLERS, sample, timestep_schedule
+from sampling import (DEFAULT_STEPS, FEW_STEP_VARIANCE, SAMPLERS, VARIANCES, default_variance, sample,
+                      timestep_schedule)
 from scheduler import NoiseScheduler
 from tests.conftest import ref_alphas_cumprod
 
@@ -195,11 +196,13 @@ def corr(a, b):
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
-@pytest.mark.parametrize("sampler, steps, eta", [("ddpm", 25, 0.0), ("ddim", 50, 0.5), ("ddim", 20, 1.0)])
-def test_stochastic_ddim_keeps_the_forward_marginals_of_a_point(schedule, sampler, steps, eta):
-    """DDIM with any eta (and respaced "ddpm", which is eta = 1) is built so that, given the true
-    x0, every x_t it visits is distributed as q(x_t | x0) = N(sqrt(ab_t) x0, (1 - ab_t) I) (Song
-    et al. 2021, eq. 7 and Lemma 1). The point oracle knows x0 = x*, so at every visited t
+@pytest.mark.parametrize("sampler, steps, eta, variance",
+                         [("ddpm", 25, 0.0, "posterior"), ("ddim", 50, 0.5, None), ("ddim", 20, 1.0, None)])
+def test_stochastic_ddim_keeps_the_forward_marginals_of_a_point(schedule, sampler, steps, eta, variance):
+    """DDIM with any eta (and respaced "ddpm" with the posterior variance, which is eta = 1) is
+    built so that, given the true x0, every x_t it visits is distributed as q(x_t | x0) =
+    N(sqrt(ab_t) x0, (1 - ab_t) I) (Song et al. 2021, eq. 7 and Lemma 1). The point oracle knows
+    x0 = x*, so at every visited t
         z_t = (x_t - sqrt(ab_t) x*) / sqrt(1 - ab_t)
     is standard normal, and from t to the next visited t' (eq. 12, sigma^2 of eq. 16)
         z_t' sqrt(1 - ab') = sqrt(1 - ab' - sigma^2) z_t + sigma n,
@@ -210,7 +213,8 @@ def test_stochastic_ddim_keeps_the_forward_marginals_of_a_point(schedule, sample
     ab = ref_ab(schedule)
     x_star = torch.rand(BIG[1:], generator=seeded(123)) * 1.8 - 0.9  # one image, broadcast over the batch
     out, trajectory = sample(PointOracle(x_star, ab), NoiseScheduler(schedule=schedule), BIG, sampler=sampler,
-                             steps=steps, eta=eta, generator=seeded(1), trajectory_at=range(1000))
+                             steps=steps, eta=eta, variance=variance, generator=seeded(1),
+                             trajectory_at=range(1000))
     eta = 1.0 if sampler == "ddpm" else eta
     zs = [(t, (x.double() - ab[t].sqrt() * x_star) / (1 - ab[t]).sqrt()) for t, x, _ in trajectory]
     assert [t for t, _ in zs] == timestep_schedule(1000, steps)
@@ -224,50 +228,98 @@ def test_stochastic_ddim_keeps_the_forward_marginals_of_a_point(schedule, sample
     torch.testing.assert_close(out, x_star.expand(BIG), rtol=0, atol=2e-4)
 
 
-@pytest.mark.parametrize("schedule", ["linear", "cosine"])
-def test_full_ddpm_states_have_the_moments_of_its_markov_chain(schedule):
-    """The full ancestral chain uses sigma_t^2 = beta_t (Ho et al. eq. 11), not the posterior
-    variance, so its states are not exactly q(x_t | x*). With the point oracle each step is
-    x_{t-1} = coef1_t x* + coef2_t x_t + sqrt(beta_t) n (eq. 6-7), so x_t ~ N(k_t x*, v_t) with
-        k_{t-1} = coef1_t + coef2_t k_t,   v_{t-1} = coef2_t^2 v_t + beta_t,   k_{T-1} = 0, v_{T-1} = 1,
-    and corr(x_t, x_{t-1}) = coef2_t sqrt(v_t / v_{t-1}); computed here in float64 from the
-    papers' betas. Near t = 0 v_t exceeds 1 - ab_t (std 5% higher at t = 10, 36% at t = 0), so
-    a chain drawn with the posterior variance fails, and so does one that adds no noise."""
-    betas, ab = ref_alphas_cumprod(schedule)
-    ab_prev = np.concatenate([[1.0], ab[:-1]])
-    coef1 = betas * np.sqrt(ab_prev) / (1 - ab)
-    coef2 = np.sqrt(1 - betas) * (1 - ab_prev) / (1 - ab)
-    k, v = np.zeros(1000), np.ones(1000)
-    for t in range(999, 0, -1):
-        k[t - 1] = coef1[t] + coef2[t] * k[t]
-        v[t - 1] = coef2[t] ** 2 * v[t] + betas[t]
+def ancestral_jump(ab, t, t_prev, variance):
+    """(coef1, coef2, sigma^2) of the ancestral jump t -> t_prev of the chain respaced to the
+    visited timesteps, written from its betas beta' = 1 - ab_t / ab_{t_prev} (ab_{-1} = 1):
+        mean = coef1 x0 + coef2 x_t,   coef1 = beta' sqrt(ab_{t_prev}) / (1 - ab_t),
+                                       coef2 = sqrt(1 - beta') (1 - ab_{t_prev}) / (1 - ab_t)
+    (Ho et al. eq. 7 for that chain), sigma^2 = beta' ("beta") or beta' (1 - ab_{t_prev}) / (1 - ab_t)
+    ("posterior"). ab: float64 numpy (T,)."""
+    a, a_prev = ab[t], 1.0 if t_prev == -1 else ab[t_prev]
+    beta = 1 - a / a_prev
+    coef1 = beta * np.sqrt(a_prev) / (1 - a)
+    coef2 = np.sqrt(1 - beta) * (1 - a_prev) / (1 - a)
+    return coef1, coef2, beta if variance == "beta" else beta * (1 - a_prev) / (1 - a)
+
+
+def ancestral_chain_moments(ab, timesteps, variance):
+    """With the point oracle each jump is x_{t'} = coef1 x* + coef2 x_t + sigma n, so x_t ~
+    N(k_t x*, v_t) at every visited t, with
+        k_{t'} = coef1 + coef2 k_t,   v_{t'} = coef2^2 v_t + sigma^2,   k = 0, v = 1 at t = T-1,
+    and corr(x_t, x_{t'}) = coef2 sqrt(v_t / v_{t'}). Returns {t: (k_t, v_t)}, {t: that corr}."""
+    moments, corrs = {timesteps[0]: (0.0, 1.0)}, {}
+    for t, t_prev in zip(timesteps, timesteps[1:]):
+        coef1, coef2, sigma2 = ancestral_jump(ab, t, t_prev, variance)
+        k, v = moments[t]
+        moments[t_prev] = (coef1 + coef2 * k, coef2**2 * v + sigma2)
+        corrs[t] = coef2 * (v / moments[t_prev][1]) ** 0.5
+    return moments, corrs
+
+
+@pytest.mark.parametrize(
+    "schedule, variance, steps",
+    [*((schedule, variance, steps) for schedule in ("linear", "cosine") for variance in ("beta", "posterior")
+       for steps in (10, 25)),
+     ("linear", "beta", 1000), ("cosine", "beta", 1000), ("linear", "posterior", 1000)],
+)
+def test_ddpm_states_have_the_moments_of_their_markov_chain(schedule, variance, steps):
+    """Every visited state of "ddpm" against ancestral_chain_moments, computed in float64 from
+    the papers' alpha bars: the same variance family at every step count. "posterior" keeps
+    v_t = 1 - ab_t (the marginals of q); "beta" adds more noise, and the more the longer the
+    jump: its std over sqrt(1 - ab_t) is 1.05 at t = 10 and 1.36 at t = 0 of the full linear
+    chain, 1.68 at t = 111 and 35 at t = 0 of the 10-step one. Drawing either family with the
+    other's variance, or with none, fails. Over the full chain, states near t = 0 and a
+    consecutive pair every 64 steps are checked."""
+    _, ab = ref_alphas_cumprod(schedule)
+    timesteps = timestep_schedule(1000, steps)
+    moments, corrs = ancestral_chain_moments(ab, timesteps, variance)
+    record = set(timesteps) if steps < 1000 else {*range(0, 40), *(s - d for s in range(999, 40, -64) for d in (0, 1))}
 
     x_star = torch.rand(BIG[1:], generator=seeded(123)) * 1.8 - 0.9
-    record = {*range(0, 40), *(s - d for s in range(999, 40, -64) for d in (0, 1))}
     _, trajectory = sample(PointOracle(x_star, torch.from_numpy(ab)), NoiseScheduler(schedule=schedule), BIG,
-                           generator=seeded(1), trajectory_at=record)
-    states = {t: (x.double() - k[t] * x_star) / v[t] ** 0.5 for t, x, _ in trajectory}  # N(0, 1) each
-    assert set(states) == record
+                           steps=steps, variance=variance, generator=seeded(1), trajectory_at=record)
+    states = {t: (x.double() - moments[t][0] * x_star) / moments[t][1] ** 0.5 for t, x, _ in trajectory}
+    assert set(states) == record  # each N(0, 1)
+    following = dict(zip(timesteps, timesteps[1:]))
     for t, r in states.items():
         assert abs(r.mean().item()) < five_se(), t
         assert abs(r.std().item() - 1) < five_se(2**-0.5), t
-        if t - 1 in states:
-            expected = coef2[t] * (v[t] / v[t - 1]) ** 0.5
-            assert abs(corr(r, states[t - 1]) - expected) < five_se(), t
+        if following.get(t) in states:
+            assert abs(corr(r, states[following[t]]) - corrs[t]) < five_se(), t
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_ddpm_families_at_all_steps_are_the_full_chain_step(schedule):
+    """At K = T the respaced chain is the full one: beta' = beta_t, so each family's loop is
+    scheduler.sample_prev_image_distribution(x, t, eps, variance=...) step for step, to the bit
+    (same generator draws: x_T, then one noise tensor per step)."""
+    T = 100
+    scheduler = NoiseScheduler(timesteps=T, schedule=schedule)
+    model = GaussianOracle(0.2, 0.5, ref_ab(schedule, T))
+    for variance in ("beta", "posterior"):
+        out = sample(model, scheduler, SHAPE, steps=T, variance=variance, generator=seeded(9))
+        g = seeded(9)
+        x = torch.randn(SHAPE, generator=g)
+        for t in range(T - 1, -1, -1):
+            eps = model(x, torch.full((SHAPE[0],), t))
+            x = scheduler.sample_prev_image_distribution(x, t, eps, noise=torch.randn(SHAPE, generator=g),
+                                                         variance=variance)
+        assert torch.equal(out, x), variance
 
 
 # ------------------------------------------------------------ Gaussian oracle
 
 
-@pytest.mark.parametrize("steps", [None, 500])
-def test_ddpm_samples_the_gaussian_data_distribution(steps):
-    """Full (steps None) and respaced (500 steps, DDIM with eta = 1) ancestral sampling reproduce
-    N(0.2, 0.5^2). 16384 samples: standard errors are about 0.004 for the mean and 0.003 for the
+@pytest.mark.parametrize("steps, variance", [(None, None), (500, "posterior")])
+def test_ddpm_samples_the_gaussian_data_distribution(steps, variance):
+    """Full (steps None) and respaced (500 steps, posterior variance: DDIM with eta = 1) ancestral
+    sampling reproduce N(0.2, 0.5^2). 16384 samples: standard errors are about 0.004 for the mean and 0.003 for the
     std. The discretisation shrinks the std of the respaced chain by 0.0075 at 500 steps (the
     closed form of the next test) and of the full chain by less than 0.001, hence 0.02."""
     ab = ref_ab("linear")
     model = GaussianOracle(0.2, 0.5, ab)
-    out = sample(model, NoiseScheduler(), (16, 1, 32, 32), steps=steps, clip_x0=False, generator=seeded(1))
+    out = sample(model, NoiseScheduler(), (16, 1, 32, 32), steps=steps, variance=variance, clip_x0=False,
+                 generator=seeded(1))
     assert out.mean().item() == pytest.approx(0.2, abs=0.02)
     assert out.std().item() == pytest.approx(0.5, abs=0.02)
 
@@ -291,26 +343,58 @@ def ddim_chain_std(ab, steps, eta, sd):
     return var**0.5
 
 
+def ancestral_chain_std(ab, steps, variance, sd):
+    """Std of the final sample of "ddpm" (ancestral_jump's chain, no noise on the last jump
+    t = 0 -> clean) with the exact E[eps | x_t] on N(mu, sd^2) pixels, in float64 on
+    y = x - sqrt(ab) mu: the mean is coef1 x0_hat + coef2 x_t with x0_hat - mu = g y (ddim_chain_std)
+    and coef1 + coef2 sqrt(ab) = sqrt(ab'), so y' = (coef1 g + coef2) y + sigma n."""
+    timesteps = timestep_schedule(len(ab), steps)
+    var = 1.0
+    for t, t_prev in zip(timesteps, timesteps[1:] + [-1]):
+        a = float(ab[t])
+        g = a**0.5 * sd**2 / (a * sd**2 + 1 - a)
+        coef1, coef2, sigma2 = ancestral_jump(ab, t, t_prev, variance)
+        var = (coef1 * g + coef2) ** 2 * var + (0.0 if t_prev == -1 else sigma2)
+    return var**0.5
+
+
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
-@pytest.mark.parametrize("sampler, steps, eta", [("ddpm", 25, 0.0), ("ddpm", 100, 0.0), ("ddim", 50, 0.5),
-                                                 ("ddim", 20, 1.0)])
-def test_stochastic_samplers_give_the_exact_moments_on_gaussian_data(schedule, sampler, steps, eta):
-    """Respaced ancestral sampling ("ddpm" with fewer steps = DDIM eta 1) and DDIM with eta > 0
-    on N(0.2, 0.5^2) data with the exact model: the mean stays mu (every step maps E[x_t] =
-    sqrt(ab_t) mu to sqrt(ab_t') mu), and the std is the chain's closed form, below sd by a
-    discretisation error (0.39 for DDIM eta = 1 with 20 linear steps, 0.49 with 500) that
-    vanishes with the step size. Noise of the wrong scale, or none, changes the std by 100 or
-    more standard errors (measured with 0.7x the noise and with none)."""
+@pytest.mark.parametrize("sampler, steps, eta, variance",
+                         [("ddpm", 25, 0.0, "posterior"), ("ddpm", 25, 0.0, "beta"), ("ddpm", 100, 0.0, "posterior"),
+                          ("ddpm", 100, 0.0, "beta"), ("ddim", 50, 0.5, None), ("ddim", 20, 1.0, None)])
+def test_stochastic_samplers_give_the_exact_moments_on_gaussian_data(schedule, sampler, steps, eta, variance):
+    """Respaced ancestral sampling (both variance families) and DDIM with eta > 0 on N(0.2, 0.5^2)
+    data with the exact model: the mean stays mu (every step maps E[x_t] = sqrt(ab_t) mu to
+    sqrt(ab_t') mu), and the std is the chain's closed form, off sd by a discretisation error
+    that vanishes with the step size: below it for the posterior variance (0.39 for DDIM eta = 1
+    with 20 linear steps, 0.49 with 500), above it for "beta" (0.54 with 25 linear steps, 0.502
+    with 500). Noise of the wrong scale, or none, changes the std by 100 or more standard errors
+    (measured with 0.7x the noise and with none)."""
     mu, sd = 0.2, 0.5
-    ab = ref_ab(schedule)
+    _, ab_np = ref_alphas_cumprod(schedule)
+    ab = torch.from_numpy(ab_np)
     model = GaussianOracle(mu, sd, ab)
     out = sample(model, NoiseScheduler(schedule=schedule), BIG, sampler=sampler, steps=steps, eta=eta,
-                 clip_x0=False, generator=seeded(1))
-    expected_sd = ddim_chain_std(ab, steps, 1.0 if sampler == "ddpm" else eta, sd)
-    # the closed form itself tends to the data's sd as the steps shrink (0.496-0.499 at 1000)
-    assert abs(ddim_chain_std(ab, 1000, 1.0 if sampler == "ddpm" else eta, sd) - sd) < 0.005
+                 variance=variance, clip_x0=False, generator=seeded(1))
+    if sampler == "ddpm":
+        expected_sd = ancestral_chain_std(ab_np, steps, variance, sd)
+        final_sd = ancestral_chain_std(ab_np, 1000, variance, sd)
+    else:
+        expected_sd, final_sd = ddim_chain_std(ab, steps, eta, sd), ddim_chain_std(ab, 1000, eta, sd)
+    # the closed form itself tends to the data's sd as the steps shrink (0.496-0.501 at 1000)
+    assert abs(final_sd - sd) < 0.005
     assert abs(out.mean().item() - mu) < five_se(expected_sd)
     assert abs(out.std().item() - expected_sd) < five_se(expected_sd * 2**-0.5)
+
+
+def test_posterior_variance_chain_is_ddim_with_eta_1_in_closed_form():
+    """Two derivations of one chain: the respaced posterior step (Ho et al. eq. 7 on the respaced
+    betas) and DDIM with eta = 1 (Song et al. eq. 12, 16) give the same final std on Gaussian data."""
+    for schedule in ("linear", "cosine"):
+        _, ab = ref_alphas_cumprod(schedule)
+        for steps in (10, 25, 1000):
+            assert ancestral_chain_std(ab, steps, "posterior", 0.5) == pytest.approx(
+                ddim_chain_std(torch.from_numpy(ab), steps, 1.0, 0.5), rel=1e-9)
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
@@ -367,17 +451,32 @@ def test_ddim_eta0_is_deterministic_given_x_T():
 # ----------------------------------------------------------- loop bookkeeping
 
 
-def test_respaced_ddpm_is_ddim_with_eta_1():
-    """Dispatch only: "ddpm" with fewer steps runs the DDIM eta = 1 rule. Whether that rule
-    samples the right distribution is checked on the point and Gaussian oracles above."""
+def test_respaced_ddpm_with_the_posterior_variance_is_ddim_with_eta_1():
+    """Dispatch only: "ddpm" with the posterior variance is the DDIM eta = 1 rule, written
+    differently: up to float32 rounding (DDIM's sqrt(1 - ab' - sigma^2) cancels at large t, 3e-6
+    measured here on the linear schedule). Whether the rule samples the right distribution is
+    checked on the point and Gaussian oracles above."""
     model = GaussianOracle(0.2, 0.5, ref_ab("linear"))
 
-    def run(sampler, eta=0.0):
-        return sample(model, NoiseScheduler(), SHAPE, sampler=sampler, steps=25, eta=eta, generator=seeded(4))
+    def run(sampler, eta=0.0, variance=None):
+        return sample(model, NoiseScheduler(), SHAPE, sampler=sampler, steps=25, eta=eta, variance=variance,
+                      generator=seeded(4))
 
-    respaced = run("ddpm")
-    assert torch.equal(respaced, run("ddim", eta=1.0))
-    assert not torch.allclose(respaced, run("ddim"))
+    respaced = run("ddpm", variance="posterior")
+    torch.testing.assert_close(respaced, run("ddim", eta=1.0), rtol=0, atol=2e-5)
+    assert (respaced - run("ddpm", variance="beta")).abs().max() > 0.1
+
+
+def test_default_variance():
+    """"beta" for the full chain (Ho et al.), FEW_STEP_VARIANCE for a respaced one."""
+    assert default_variance(1000, 1000) == "beta" and default_variance(10, 10) == "beta"
+    assert default_variance(10, 1000) == default_variance(999, 1000) == FEW_STEP_VARIANCE
+    assert FEW_STEP_VARIANCE in VARIANCES == ("beta", "posterior")
+    model = GaussianOracle(0.2, 0.5, ref_ab("linear"))
+    for steps, variance in ((25, FEW_STEP_VARIANCE), (1000, "beta")):
+        runs = [sample(model, NoiseScheduler(), SHAPE, steps=steps, variance=v, generator=seeded(4))
+                for v in (None, variance)]
+        assert torch.equal(*runs), steps
 
 
 def test_full_ddpm_calls_the_model_at_every_timestep_in_order():
@@ -446,6 +545,8 @@ def test_progress_bar(capsys):
         ({"sampler": "ddpm", "steps": 2.5}, r"steps must be an integer in \[1, 10\]"),
         ({"sampler": "ddim", "eta": -1.0}, "eta"),
         ({"sampler": "dpm++2m", "eta": 0.5}, "eta"),
+        ({"sampler": "ddpm", "variance": "learned"}, "variance must be one of"),
+        ({"sampler": "ddim", "variance": "beta"}, "only used by the 'ddpm' sampler"),
     ],
 )
 def test_bad_arguments_raise_before_sampling(kwargs, match):

@@ -326,6 +326,73 @@ def test_no_noise_at_t0_per_sample():
     assert torch.equal(a, s.sample_prev_image_distribution(x_t, 0, eps))
 
 
+# ---------------------------------------------------------------- respacing
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_respaced_to_every_timestep_is_the_schedule_to_the_bit(schedule):
+    s = NoiseScheduler(schedule=schedule)
+    chain = s.respaced(range(T - 1, -1, -1))
+    assert chain.num_timesteps == T and torch.equal(chain.timesteps, torch.arange(T))
+    for name in NoiseScheduler._TENSORS:
+        assert torch.equal(getattr(chain, name), getattr(s, name)), name
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_respaced_tables_closed_form(schedule):
+    """Visiting s = 0, 1, 250, 999 (given in any order): step k jumps from s_k to s_{k-1}
+    (s_{-1} = -1, ab_{-1} = 1) with beta'_k = 1 - ab_{s_k} / ab_{s_{k-1}}, so beta'_0 = beta_0 and
+    beta'_1 = beta_1 (one-step jumps), and the posterior variance of the jump is
+    beta'_k (1 - ab_{s_{k-1}}) / (1 - ab_{s_k})."""
+    betas, ab = ref_alphas_cumprod(schedule)
+    chain = NoiseScheduler(schedule=schedule).respaced([999, 0, 250, 1])
+    s = [0, 1, 250, 999]
+    assert chain.num_timesteps == 4 and chain.timesteps.tolist() == s
+    ab_k, ab_prev = ab[s], np.array([1.0, ab[0], ab[1], ab[250]])
+    beta = 1 - ab_k / ab_prev
+    np.testing.assert_allclose(beta[:2], betas[:2], rtol=1e-9)
+    expected = {
+        "betas": beta,
+        "alphas_cumprod": ab_k,
+        "alphas_cumprod_prev": ab_prev,
+        "posterior_variance": beta * (1 - ab_prev) / (1 - ab_k),
+        "posterior_mean_coef1": beta * np.sqrt(ab_prev) / (1 - ab_k),
+        "posterior_mean_coef2": np.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab_k),
+    }
+    for name, value in expected.items():
+        np.testing.assert_allclose(np_(getattr(chain, name)), value, rtol=1e-5, atol=1e-9, err_msg=name)
+
+
+@pytest.mark.parametrize("variance", ["beta", "posterior"])
+def test_respaced_step_is_the_gaussian_posterior_of_the_jump(variance):
+    """Given x0, a jump t -> t' < t of the forward process is x_t' = sqrt(ab') x0 + sqrt(1 - ab') e1,
+    x_t = sqrt(ab / ab') x_t' + sqrt(1 - ab / ab') e2, so by Gaussian conditioning
+        Cov(x_t', x_t) = sqrt(ab / ab') (1 - ab'),  Var(x_t) = 1 - ab,
+        mean = sqrt(ab') x0 + Cov / Var (x_t - sqrt(ab) x0),  var = (1 - ab') - Cov^2 / Var,
+    the "posterior" step; the "beta" step has the same mean and variance 1 - ab / ab'. (Not
+    t = 999 of the cosine schedule: there the float32 rounding of eps, over sqrt(ab) = 2e-4,
+    moves x0_hat by 5e-4.)"""
+    _, ab = ref_alphas_cumprod("cosine")
+    timesteps = [0, 40, 333, 700, 998]
+    chain = NoiseScheduler(schedule="cosine").respaced(timesteps)
+    x0 = randn(1, 1, 4, 4, seed=40).clamp(-0.9, 0.9)
+    x_t, z = randn(1, 1, 4, 4, seed=41), randn(1, 1, 4, 4, seed=42)
+    for k in range(1, len(timesteps)):
+        t, t_prev = timesteps[k], timesteps[k - 1]
+        eps = (x_t - math.sqrt(ab[t]) * x0) / math.sqrt(1 - ab[t])
+        cov, var_t = math.sqrt(ab[t] / ab[t_prev]) * (1 - ab[t_prev]), 1 - ab[t]
+        mean = math.sqrt(ab[t_prev]) * np_(x0) + cov / var_t * (np_(x_t) - math.sqrt(ab[t]) * np_(x0))
+        var = (1 - ab[t_prev]) - cov**2 / var_t if variance == "posterior" else 1 - ab[t] / ab[t_prev]
+        out = chain.sample_prev_image_distribution(x_t, k, eps, noise=z, variance=variance)
+        np.testing.assert_allclose(np_(out), mean + math.sqrt(var) * np_(z), rtol=1e-4, atol=1e-4, err_msg=str(t))
+
+
+@pytest.mark.parametrize("timesteps", [[], [3, 3], [-1, 4], [0, 10]])
+def test_respaced_refuses_bad_timesteps(timesteps):
+    with pytest.raises(ValueError, match=r"distinct integers in \[0, 9\]"):
+        NoiseScheduler(timesteps=10, schedule="cosine").respaced(timesteps)
+
+
 def test_ddim_step_formula():
     s = NoiseScheduler()
     _, ab = ref_alphas_cumprod("linear")
