@@ -24,11 +24,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import dit
-from cli import ArgumentParser, add_device_arg, autocast_dtype, default_precision, resolve_device, run_main
+from cli import run_main
 from data import make_loader, to_model_range
 from dit import DiT
 from dit_cfg import ConditionalDiT
 from images import check_output_file
+from options import ArgumentParser, add_device_arg, autocast_dtype, default_precision, resolve_device
 from sampling import generate_images
 from scheduler import NoiseScheduler
 from training import make_optimizer, training_step

@@ -1,17 +1,20 @@
 """Checkpoint files: plain dicts of tensors and numbers, written atomically, read safely.
 
-A checkpoint holds
+A training checkpoint holds
     kind              "dit" (model A) or "dit_cfg" (model B)
     model_config      the model's keyword arguments, so inference never repeats them
     scheduler_config  the NoiseScheduler's keyword arguments
     model, ema        state dicts (no "module." / "_orig_mod." prefixes)
-    optimizer         the optimizer's state dict
+    optimizer         the optimizer's state dict; grad_scaler: the fp16 GradScaler's, or None
     epoch, step       epochs completed and optimizer steps taken
     batch_in_epoch    batches of the current epoch already trained on (mid-epoch stops)
     ema_updates       how many updates the EMA has seen
+    world_size        processes that trained it; elapsed_s: training wall time so far
     rng               torch's CPU (and CUDA) random state, to resume the same random stream
     args              the training arguments, as a dict
-It is read with torch.load(weights_only=True), which cannot run code from the file.
+A weights file (pretrained/, written by export_weights) holds kind, the two configs, ema
+and args only: enough to sample, not to resume. Both are read with
+torch.load(weights_only=True), which cannot run code from the file.
 """
 import os
 
@@ -24,7 +27,8 @@ from scheduler import NoiseScheduler
 MODEL_CLASSES = {DiT.kind: DiT, ConditionalDiT.kind: ConditionalDiT}
 MODEL_NAMES = {DiT.kind: "model A (unconditional DiT, train.py/infer.py)",
                ConditionalDiT.kind: "model B (conditional DiT, train_cfg.py/infer_cfg.py)"}
-REQUIRED_KEYS = ("kind", "model_config", "scheduler_config", "model", "ema")
+REQUIRED_KEYS = ("kind", "model_config", "scheduler_config", "ema")
+TRAINING_STATE_KEYS = ("model", "optimizer", "epoch", "step", "batch_in_epoch", "ema_updates", "rng", "args")
 
 
 class CheckpointError(RuntimeError):
@@ -44,15 +48,35 @@ def clean_state_dict(state_dict):
 
 def save_checkpoint(state, path):
     """torch.save `state` (any checkpoint-like dict) to a temporary file, then rename: an
-    interrupted save never corrupts `path`, and readers see the old file or the whole new one."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    interrupted save never corrupts `path`, and readers see the old file or the whole new one.
+
+    Both the file and the rename are flushed to the disk (fsync) before this returns: without
+    that, a power loss soon after a save can leave `path` empty or truncated, or the old file
+    back in place, since the OS writes its caches out later."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
     tmp_path = f"{path}.tmp{os.getpid()}"
     try:
-        torch.save(state, tmp_path)
+        with open(tmp_path, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # the file's bytes
         os.replace(tmp_path, path)  # atomic on POSIX and Windows
+        fsync_folder(folder)  # the rename, which lives in the folder's entries
     finally:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
+
+
+def fsync_folder(folder):
+    """Flush a folder's entries to the disk (POSIX; Windows cannot open a folder for this)."""
+    if not hasattr(os, "O_DIRECTORY"):
+        return
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def one_line_reason(err):
@@ -62,8 +86,9 @@ def one_line_reason(err):
     return (lines[0] if lines else type(err).__name__)[:200]
 
 
-def load_checkpoint(path, expected_kind=None, map_location="cpu"):
-    """Read and validate a checkpoint; CheckpointError with a one-line reason otherwise."""
+def load_checkpoint(path, expected_kind=None, map_location="cpu", to_resume=False):
+    """Read and validate a checkpoint (to_resume: one with the whole training state);
+    CheckpointError with a one-line reason otherwise."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
@@ -79,12 +104,18 @@ def load_checkpoint(path, expected_kind=None, map_location="cpu"):
     if expected_kind is not None and ckpt["kind"] != expected_kind:
         raise CheckpointError(f"{path} holds {MODEL_NAMES[ckpt['kind']]}, but this script needs "
                               f"{MODEL_NAMES[expected_kind]}")
+    if to_resume and any(key not in ckpt for key in TRAINING_STATE_KEYS):
+        raise CheckpointError(f"{path} holds weights only, without the training state that --resume "
+                              "continues from (optimizer, step, random state): start a new run")
     return ckpt
 
 
 def build_model(ckpt, use_ema=True, device="cpu"):
     """(model in eval mode, NoiseScheduler) rebuilt from a loaded checkpoint."""
     model = MODEL_CLASSES[ckpt["kind"]](**ckpt["model_config"])
+    if not use_ema and "model" not in ckpt:
+        raise CheckpointError("this file holds only the EMA weights (shipped weights): "
+                              "sample without --no_ema")
     try:
         model.load_state_dict(clean_state_dict(ckpt["ema" if use_ema else "model"]))
     except RuntimeError as err:
@@ -99,3 +130,14 @@ def load_model(path, device="cpu", use_ema=True, expected_kind=None):
     ckpt = load_checkpoint(path, expected_kind)
     model, scheduler = build_model(ckpt, use_ema, device)
     return model, scheduler, ckpt
+
+
+def export_weights(ckpt_path, out_path):
+    """Write the EMA weights of a training checkpoint, with what rebuilds and describes them
+    (kind, configs, training options), to out_path: the pretrained/ files. About a quarter of
+    the checkpoint's size: no raw weights, no optimizer moments."""
+    ckpt = load_checkpoint(ckpt_path, to_resume=True)
+    weights = {key: ckpt[key] for key in ("kind", "model_config", "scheduler_config", "args")}
+    weights["ema"] = {name: tensor.contiguous() for name, tensor in clean_state_dict(ckpt["ema"]).items()}
+    weights["step"] = ckpt["step"]
+    save_checkpoint(weights, out_path)

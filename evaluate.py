@@ -3,10 +3,11 @@
     python evaluate.py --ckpt checkpoints/dit/ckpt_final.pt --num_samples 1000
     python evaluate.py --ckpt checkpoints/dit_cfg/ckpt_final.pt --guidance_sweep 0,1,2,3,5 --json r.json
 
-There is no Inception network offline, so the judge is a small CNN trained here on
-the 60k MNIST training images the first time it is needed (326 s on 2 AVX2 CPU
-cores, 99.55% on the test set) and cached at checkpoints/mnist_classifier.pt
-(--classifier). From its outputs on the generated images we report:
+There is no Inception network offline, so the judge is a small CNN trained on the 60k
+MNIST training images (CLASSIFIER_RECIPE). The repo ships one, pretrained/mnist_classifier.pt,
+the default --classifier, so that every FID in the docs can be reproduced; a --classifier
+path that does not exist yet gets a new one, trained there in a few minutes on a CPU
+(pretrained/README.md gives its accuracy). From its outputs on the generated images we report:
 
   accuracy    (class-conditional checkpoints) share of samples drawn for digit k
               that the classifier reads as k, per digit and averaged
@@ -38,17 +39,16 @@ from tqdm import tqdm
 
 import sampling
 from checkpoint import load_model, one_line_reason, save_checkpoint
-from cli import (ArgumentParser, UsageError, add_device_arg, add_precision_arg, add_sampler_args,
-                 autocast_dtype, guidance_list, nonnegative_float, positive_int, resolve_device,
-                 resolve_steps, run_main)
+from cli import PRETRAINED, add_sampler_args, resolve_steps, run_main
 from data import MNIST_CLASSES, load_mnist, resize_images, to_model_range
-from dit_cfg import ConditionalDiT
 from images import check_output_file
+from options import (AMP_DTYPES, ArgumentParser, UsageError, add_device_arg, add_precision_arg, guidance_list,
+                     nonnegative_float, positive_int, resolve_device, resolve_precision)
 
-DEFAULT_CLASSIFIER = os.path.join("checkpoints", "mnist_classifier.pt")
+DEFAULT_CLASSIFIER = os.path.join(PRETRAINED, "mnist_classifier.pt")
 CLASSIFIER_FORMAT = "simplest-diffusion/mnist-classifier/1"
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # pixel statistics of the training set, p in [0, 1]
-# The cached classifier's training run: 3 epochs, 326 s on 2 AVX2 CPU cores (fp32), 99.55% test accuracy.
+# How the judge is trained (the shipped one included): 3 epochs in fp32, a few minutes on 2 CPU cores.
 CLASSIFIER_RECIPE = dict(epochs=3, batch_size=128, lr=2e-3, seed=0)
 
 
@@ -308,8 +308,8 @@ def build_parser():
                         help="images to generate (model B: a multiple of 10, N/10 per digit)")
     guidance = parser.add_mutually_exclusive_group()
     guidance.add_argument("--guidance_scale", type=nonnegative_float, default=None,
-                          help="classifier-free guidance scale, model B only "
-                               f"(default: {sampling.DEFAULT_GUIDANCE_SCALE})")
+                          help="classifier-free guidance scale, model B only; none given: "
+                               f"{sampling.DEFAULT_GUIDANCE_SCALE}")
     guidance.add_argument("--guidance_sweep", type=guidance_list, default=None, metavar="S1,S2,...",
                           help="evaluate several guidance scales, one row each, e.g. 0,1,2,3,5")
     add_sampler_args(parser)
@@ -319,8 +319,8 @@ def build_parser():
                         help="images denoised, or classified, at once")
     parser.add_argument("--data_dir", default="./data", help="folder that holds MNIST/")
     parser.add_argument("--classifier", default=DEFAULT_CLASSIFIER,
-                        help="cached MNIST classifier, trained and saved here if missing "
-                             f"(default: {DEFAULT_CLASSIFIER})")
+                        help="MNIST classifier file (the shipped one by default); a path that "
+                             "does not exist gets a new classifier, trained and saved there")
     parser.add_argument("--no_ema", action="store_true",
                         help="sample with the raw weights, not the EMA")
     parser.add_argument("--json", default=None, metavar="OUT",
@@ -336,10 +336,9 @@ def evaluate(args):
     """Sample from args.ckpt at each guidance scale and score the samples -> report dict."""
     device = resolve_device(args.device)
     model, scheduler, ckpt = load_model(args.ckpt, device, use_ema=not args.no_ema)
-    kind = ckpt["kind"]
-    if kind == ConditionalDiT.kind:
-        if ckpt["model_config"]["num_classes"] != MNIST_CLASSES:
-            raise UsageError(f"{args.ckpt} has {ckpt['model_config']['num_classes']} classes; "
+    if model.num_classes:  # a class-conditional model: N/10 samples drawn for each digit
+        if model.num_classes != MNIST_CLASSES:
+            raise UsageError(f"{args.ckpt} has {model.num_classes} classes; "
                              f"the MNIST classifier knows {MNIST_CLASSES}")
         if args.num_samples % MNIST_CLASSES:
             raise UsageError(f"--num_samples must be a multiple of {MNIST_CLASSES} for model B "
@@ -349,11 +348,11 @@ def evaluate(args):
                                          if args.guidance_scale is None else args.guidance_scale]
     else:
         if args.guidance_scale is not None or args.guidance_sweep is not None:
-            raise UsageError(f"{args.ckpt} holds an unconditional model ({kind}); "
+            raise UsageError(f"{args.ckpt} holds an unconditional model (model A); "
                              "guidance needs model B")
         labels, scales = None, [None]
     steps = resolve_steps(args.steps, args.sampler, scheduler)  # the report states what ran
-    amp_dtype = autocast_dtype(args.precision, device)
+    precision = resolve_precision(args.precision, device)
 
     classifier, classifier_acc = load_or_train_classifier(args.classifier, args.data_dir, device)
 
@@ -380,7 +379,7 @@ def evaluate(args):
         t0 = time.perf_counter()
         samples = sampling.generate_images(model, scheduler, args.num_samples, labels=labels,
                                            guidance_scale=scale, sampler=args.sampler, steps=steps,
-                                           seed=args.seed, device=device, amp_dtype=amp_dtype,
+                                           seed=args.seed, device=device, amp_dtype=AMP_DTYPES[precision],
                                            batch_size=args.batch_size, progress=True)
         seconds = time.perf_counter() - t0
         images = samples_to_classifier_input(samples)  # (N, 1, 28, 28) in [0, 1]
@@ -389,10 +388,11 @@ def evaluate(args):
                         **image_metrics(logits, features, test_stats, labels)})
 
     return {
-        "checkpoint": args.ckpt, "kind": kind, "use_ema": not args.no_ema,
+        "checkpoint": args.ckpt, "kind": ckpt["kind"], "num_classes": model.num_classes,
+        "use_ema": not args.no_ema,
         "num_samples": args.num_samples, "sampler": args.sampler, "steps": steps,
         "seed": args.seed, "device": str(device),
-        "precision": "fp32" if amp_dtype is None else "bf16",
+        "precision": precision,
         "classifier": {"path": args.classifier, "test_acc": classifier_acc},
         "results": results,
         "real_floor": real_floor,
@@ -404,7 +404,7 @@ def evaluate(args):
 
 def print_report(report):
     r = report
-    per_digit = f" ({r['num_samples'] // 10} per digit)" if r["kind"] == "dit_cfg" else ""
+    per_digit = f" ({r['num_samples'] // r['num_classes']} per digit)" if r["num_classes"] else ""
     acc = r["classifier"]["test_acc"]
     weights = "EMA" if r["use_ema"] else "raw"
     print(f"\ncheckpoint  {r['checkpoint']} ({r['kind']}, {weights} weights)")

@@ -24,14 +24,15 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from checkpoint import load_model
-from cli import (ArgumentParser, UsageError, add_device_arg, add_precision_arg, add_sampler_args,
-                 autocast_dtype, guidance_list, nonnegative_float, positive_int, resolve_device,
-                 resolve_steps, run_main)
+from cli import add_sampler_args, resolve_steps, run_main
 from dit_cfg import ConditionalDiT
 from images import check_output_dir, save_gif, save_grid
+from options import (ArgumentParser, UsageError, add_device_arg, add_precision_arg, autocast_dtype,
+                     guidance_list, nonnegative_float, positive_int, resolve_device)
 from sampling import DEFAULT_GUIDANCE_SCALE, generate_images, guided_noise_fn, sample, timestep_schedule
+from training import MetricsLog
 
-METRICS_COLUMNS = ("step", "epoch", "loss", "lr", "img_per_s", "elapsed_s")
+METRICS_COLUMNS = MetricsLog.COLUMNS  # what training writes
 # The GIF's motion lasts about GIF_MOTION_MS whatever the number of steps, within two bounds
 # per frame: at least 20 ms (browsers show shorter GIF delays as 100 ms) and at most 200 ms
 # (so that a few steps do not crawl). The final samples stay on screen for GIF_LAST_MS

@@ -1,20 +1,22 @@
 """Draw digits with model A (the unconditional DiT) from a checkpoint.
 
+    python infer.py --output grid.png --num_samples 16          # the shipped weights, pretrained/model_a.pt
     python infer.py --ckpt checkpoints/dit/ckpt_final.pt --output out.jpg
     python infer.py --ckpt checkpoints/dit/ckpt_final.pt --output grid.png --num_samples 16
     python infer.py --ckpt checkpoints/dit/ckpt_final.pt --output samples/ --num_samples 1000
 """
 import math
 
-from cli import ArgumentParser, add_sampling_args, load_for_sampling, run_main, sampling_kwargs
+from cli import PRETRAINED_A, add_sampling_args, load_for_sampling, run_main, sampling_kwargs
 from dit import DiT
 from images import sample_names, save_samples
+from options import ArgumentParser
 from sampling import generate_images
 
 
 def build_parser():
     parser = ArgumentParser(description=__doc__.splitlines()[0])
-    add_sampling_args(parser)
+    add_sampling_args(parser, default_ckpt=PRETRAINED_A)
     return parser
 
 

@@ -1,5 +1,6 @@
 """Draw digits of a chosen label with model B (conditional DiT) and classifier-free guidance.
 
+    python infer_cfg.py --output digits.png --label all     # the shipped weights, pretrained/model_b.pt
     python infer_cfg.py --ckpt checkpoints/dit_cfg/ckpt_final.pt --output four.jpg --label 4
     python infer_cfg.py --ckpt checkpoints/dit_cfg/ckpt_final.pt --output digits.png --label all --num_samples 8
     python infer_cfg.py --ckpt checkpoints/dit_cfg/ckpt_final.pt --output fours/ --label 4 --num_samples 100
@@ -9,11 +10,11 @@ import math
 
 import torch
 
-from cli import (ArgumentParser, add_sampling_args, load_for_sampling, nonnegative_float, run_main,
-                 sampling_kwargs)
+from cli import PRETRAINED_B, add_sampling_args, load_for_sampling, run_main, sampling_kwargs
 from data import MNIST_CLASSES
 from dit_cfg import ConditionalDiT
 from images import sample_names, save_samples
+from options import ArgumentParser, nonnegative_float
 from sampling import DEFAULT_GUIDANCE_SCALE, generate_images
 
 DIGITS = range(MNIST_CLASSES)
@@ -39,8 +40,8 @@ def build_parser():
                              "then counts samples per digit)")
     parser.add_argument("--guidance_scale", type=nonnegative_float, default=DEFAULT_GUIDANCE_SCALE,
                         help="pred = uncond + s * (cond - uncond): 1 is plain conditional "
-                             f"sampling, 0 unconditional (default: {DEFAULT_GUIDANCE_SCALE})")
-    add_sampling_args(parser)
+                             "sampling, 0 unconditional")
+    add_sampling_args(parser, default_ckpt=PRETRAINED_B)
     return parser
 
 

@@ -4,9 +4,10 @@
     python train.py @configs/dit_cpu.args            # a recipe; later flags override it
     python train.py --resume checkpoints/dit/ckpt_interrupted.pt
 """
-from cli import ArgumentParser, run_main
+from cli import run_main
 from dit import DiT
-from training import add_training_args, parse_training_args, train
+from options import ArgumentParser
+from training import add_training_args, model_options, resolve_run, train
 
 
 def build_parser():
@@ -17,10 +18,7 @@ def build_parser():
 
 
 def main(argv=None):
-    args = parse_training_args(build_parser(), argv)
-    model_config = dict(img_size=args.img_size, channels=args.channels, patch_size=args.patch_size,
-                        dim=args.dim, depth=args.depth, heads=args.heads, mlp_ratio=args.mlp_ratio)
-    train(args, DiT, model_config, num_preview=16)
+    train(resolve_run(build_parser(), argv, DiT, model_options))
 
 
 if __name__ == "__main__":

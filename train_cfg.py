@@ -4,14 +4,13 @@
     python train_cfg.py @configs/cfg_cpu.args        # a recipe; later flags override it
     python train_cfg.py --resume checkpoints/dit_cfg/ckpt_interrupted.pt
 
-train_cfg_ddp.py runs this same main() on every rank of a torchrun job.
+train_cfg_ddp.py trains the same run on every rank of a torchrun job.
 """
-import torch
-
-from cli import ArgumentParser, positive_int, probability, run_main
-from dit_cfg import ConditionalDiT
+from cli import run_main
 from data import MNIST_CLASSES
-from training import Dist, add_training_args, parse_training_args, train
+from dit_cfg import ConditionalDiT
+from options import ArgumentParser, positive_int, probability
+from training import add_training_args, model_options, resolve_run, train
 
 
 def build_parser():
@@ -26,17 +25,20 @@ def build_parser():
     return parser
 
 
-def main(argv=None, dist=Dist(), device=None):
-    args = parse_training_args(build_parser(), argv)
-    # ConditionalDiT rejects a bad --cond_tokens itself (ModelConfigError, one line via
-    # run_main) before any data is read, so the rule lives in one place
-    model_config = dict(img_size=args.img_size, channels=args.channels, patch_size=args.patch_size,
-                        num_classes=MNIST_CLASSES, dim=args.dim, depth=args.depth, heads=args.heads,
-                        mlp_ratio=args.mlp_ratio, cond_tokens=args.cond_tokens,
-                        cond_drop_prob=args.cond_drop_prob)
-    preview_labels = torch.arange(MNIST_CLASSES).repeat_interleave(8)  # one row per digit; label 10 is the null label
-    return train(args, ConditionalDiT, model_config, preview_labels=preview_labels,
-                 num_preview=len(preview_labels), dist=dist, device=device)
+def model_config(args):
+    """ConditionalDiT's kwargs. It rejects a bad --cond_tokens itself (ModelConfigError, one
+    line via run_main) before any data is read, so the rule lives in one place."""
+    return dict(model_options(args), num_classes=MNIST_CLASSES, cond_tokens=args.cond_tokens,
+                cond_drop_prob=args.cond_drop_prob)
+
+
+def resolve(argv=None):
+    """The run these options (or the checkpoint they resume) describe."""
+    return resolve_run(build_parser(), argv, ConditionalDiT, model_config)
+
+
+def main(argv=None):
+    train(resolve(argv))
 
 
 if __name__ == "__main__":

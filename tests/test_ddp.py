@@ -70,7 +70,7 @@ def test_torchrun_two_ranks_on_cpu(tiny_mnist, tmp_path):
          "--max_steps", "4", "--warmup_steps", "2"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert sorted(os.listdir(save_dir)) == ["ckpt_final.pt", "preview_final.png"]
+    assert sorted(os.listdir(save_dir)) == ["ckpt_final.pt", "metrics.csv", "options.args", "preview_final.png"]
     assert result.stdout.count("saved ") == 1  # only rank 0 logs
     ckpt = load_checkpoint(str(save_dir / "ckpt_final.pt"))
     assert ckpt["step"] == 4 and ckpt["args"]["batch_size"] == 8
@@ -111,3 +111,69 @@ def test_without_torchrun_says_how_to_start(tmp_path):
     assert result.returncode != 0 and "torchrun --nproc_per_node" in result.stderr
     assert "Traceback" not in result.stderr
     assert not any(tmp_path.iterdir())  # nothing was trained or written
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun not on PATH")
+def test_torchrun_every_rank_stops_when_rank_0_cannot_save_mid_run(tiny_mnist, tmp_path):
+    """Rank 0 fails to write its first epoch checkpoint (a folder of that name is in the way);
+    the other rank must stop with the same one line instead of waiting for it at a collective."""
+    save_dir = tmp_path / "run"
+    (save_dir / "ckpt_epoch_1.pt").mkdir(parents=True)
+    (save_dir / "ckpt_epoch_1.pt" / "keep").write_text("a non-empty folder cannot be replaced")
+    result = subprocess.run(
+        [TORCHRUN, "--standalone", "--nproc_per_node=2", "train_cfg_ddp.py", "--device", "cpu",
+         "--data_dir", tiny_mnist, "--save_dir", str(save_dir), "--img_size", "16", "--patch_size", "4",
+         *TINY_MODEL, "--batch_size", "8", "--subset", "32", "--epochs", "2", "--save_freq", "1"],
+        cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=180)
+    assert result.returncode != 0
+    assert result.stderr.count(f"error: could not write {save_dir / 'ckpt_epoch_1.pt'}") == 2, result.stderr
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun not on PATH")
+def test_two_machines_train_as_one_machine_with_two_processes(tiny_mnist, tmp_path):
+    """Two torchrun launches on this host stand for two machines (--nnodes 2, rendezvous on
+    127.0.0.1, gloo), each with its own copy of MNIST, so that they share no file: the run
+    ends with the weights of one machine running both processes. Only global rank 0 writes."""
+    options = ["train_cfg_ddp.py", "--device", "cpu", "--img_size", "16", "--patch_size", "4", *TINY_MODEL,
+               "--batch_size", "8", "--subset", "32", "--max_steps", "6", "--warmup_steps", "2",
+               "--precision", "fp32"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    port = free_port()
+    launches = []
+    for node in (0, 1):
+        data_dir = tmp_path / f"machine{node}" / "data"
+        shutil.copytree(tiny_mnist, data_dir)
+        launches.append(subprocess.Popen(
+            [TORCHRUN, "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1",
+             "--master_addr=127.0.0.1", f"--master_port={port}", *options,
+             "--data_dir", str(data_dir), "--save_dir", str(tmp_path / f"machine{node}" / "run")],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        outputs = [launch.communicate(timeout=240) for launch in launches]
+    finally:
+        for launch in launches:
+            launch.kill()
+    for launch, (out, err) in zip(launches, outputs):
+        assert launch.returncode == 0, out + err
+    assert not (tmp_path / "machine1" / "run").exists()  # rank 1 writes nothing
+
+    one_machine = subprocess.run(
+        [TORCHRUN, "--standalone", "--nproc_per_node=2", *options, "--data_dir", tiny_mnist,
+         "--save_dir", str(tmp_path / "one_machine")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert one_machine.returncode == 0, one_machine.stdout + one_machine.stderr
+    two = load_checkpoint(str(tmp_path / "machine0" / "run" / "ckpt_final.pt"))
+    one = load_checkpoint(str(tmp_path / "one_machine" / "ckpt_final.pt"))
+    assert two["step"] == one["step"] == 6 and two["world_size"] == 2
+    untouched = ConditionalDiT(**one["model_config"]).state_dict()
+    for key in ("model", "ema"):
+        for name, tensor in one[key].items():
+            assert torch.allclose(two[key][name], tensor, atol=1e-6), (key, name)
+    assert any(not torch.equal(one["model"][n], untouched[n]) for n in untouched)  # it trained

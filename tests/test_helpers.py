@@ -5,8 +5,9 @@ import argparse
 import pytest
 import torch
 
-from cli import nonnegative_float, nonnegative_int, run_main
+from cli import run_main
 from images import OutputError, check_output_dir, check_output_file, sample_names
+from options import nonnegative_float, nonnegative_int
 from sampling import generate_images
 from scheduler import NoiseScheduler
 from training import training_step
@@ -31,9 +32,9 @@ class AutocastRecorder(torch.nn.Module):
 def test_the_given_amp_dtype_is_the_autocast_dtype(amp_dtype):
     model = AutocastRecorder()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    training_step(model, NoiseScheduler(timesteps=10), optimizer, torch.zeros(2, 1, 4, 4),
+    training_step(model, NoiseScheduler(timesteps=50), optimizer, torch.zeros(2, 1, 4, 4),
                   amp_dtype=amp_dtype)
-    generate_images(model, NoiseScheduler(timesteps=10), 2, sampler="ddim", steps=2,
+    generate_images(model, NoiseScheduler(timesteps=50), 2, sampler="ddim", steps=2,
                     amp_dtype=amp_dtype)
     assert model.seen == [(True, amp_dtype)] * 3  # one training forward, two sampling steps
 
@@ -41,8 +42,8 @@ def test_the_given_amp_dtype_is_the_autocast_dtype(amp_dtype):
 def test_no_amp_dtype_means_no_autocast():
     model = AutocastRecorder()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    training_step(model, NoiseScheduler(timesteps=10), optimizer, torch.zeros(2, 1, 4, 4))
-    generate_images(model, NoiseScheduler(timesteps=10), 2, sampler="ddim", steps=2)
+    training_step(model, NoiseScheduler(timesteps=50), optimizer, torch.zeros(2, 1, 4, 4))
+    generate_images(model, NoiseScheduler(timesteps=50), 2, sampler="ddim", steps=2)
     assert [enabled for enabled, _ in model.seen] == [False] * 3
 
 
@@ -79,8 +80,8 @@ def test_ctrl_c_outside_training_exits_with_the_sigint_status(capsys):
 
 def test_progress_shows_the_batches_and_changes_no_sample(capsys):
     model = AutocastRecorder()
-    quiet = generate_images(model, NoiseScheduler(timesteps=10), 5, sampler="ddim", steps=2, batch_size=2)
-    shown = generate_images(model, NoiseScheduler(timesteps=10), 5, sampler="ddim", steps=2, batch_size=2,
+    quiet = generate_images(model, NoiseScheduler(timesteps=50), 5, sampler="ddim", steps=2, batch_size=2)
+    shown = generate_images(model, NoiseScheduler(timesteps=50), 5, sampler="ddim", steps=2, batch_size=2,
                             progress=True)
     assert torch.equal(quiet, shown)
     err = capsys.readouterr().err

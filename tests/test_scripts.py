@@ -1,5 +1,7 @@
 """End to end through the real entry points, on tiny synthetic MNIST and tiny models."""
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -320,18 +322,20 @@ def test_figures_guidance_sweep_and_trajectory(run_b, tmp_path):
     import figures
     figures.main(["--ckpt", str(run_b / "ckpt_final.pt"), "--outdir", str(tmp_path), "--steps", "4",
                   "--scales", "0,2", "--trajectory_columns", "3", "--trajectory_samples", "2"])
-    assert Image.open(tmp_path / "guidance_sweep.png").size == (2 + 2 * 18, 2 + 10 * 18)
+    # pictures at 3x by default (--scale 3)
+    assert Image.open(tmp_path / "guidance_sweep.png").size == (3 * (2 + 2 * 18), 3 * (2 + 10 * 18))
     strip = Image.open(tmp_path / "trajectory.png")
-    assert strip.size == (2 + 3 * 18, 2 + 2 * 2 * 18)  # 3 timesteps; x_t and x0_hat rows for 2 samples
+    assert strip.size == (3 * (2 + 3 * 18), 3 * (2 + 2 * 2 * 18))  # 3 timesteps; x_t and x0_hat rows for 2 samples
 
 
 @pytest.mark.parametrize("recipe", sorted(os.listdir(os.path.join(ROOT, "configs"))))
 def test_recipes_parse_to_what_they_say(recipe):
     """Every recipe is read by its script's parser (comments skipped), each of its lines ends
     up in the options with the value written there, and a later flag overrides it."""
-    import train_cfg
-    build_parser = train_cfg.build_parser if recipe.startswith("cfg") else train.build_parser
     path = os.path.join(ROOT, "configs", recipe)
+    with open(path) as f:
+        script = re.search(r"python (\w+)\.py @configs/" + re.escape(recipe), f.read()).group(1)
+    build_parser = {"train": train.build_parser, "train_cfg": train_cfg.build_parser}[script]
     args = build_parser().parse_args([f"@{path}"])
     written = {}
     with open(path) as f:
@@ -397,7 +401,8 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tiny_mnist, tmp_path):
     assert "stopping: saving a resumable checkpoint" in stderr
     interrupted = save_dir / "ckpt_interrupted.pt"
     assert f"--resume {interrupted}" in stdout, stdout
-    assert sorted(os.listdir(save_dir)) == ["ckpt_interrupted.pt"]  # no final checkpoint, no temp file
+    # no final checkpoint, no temp file
+    assert sorted(os.listdir(save_dir)) == ["ckpt_interrupted.pt", "metrics.csv", "options.args"]
 
     ckpt = load_checkpoint(str(interrupted))
     step = ckpt["step"]
@@ -413,3 +418,90 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tiny_mnist, tmp_path):
     for key in ("model", "ema"):
         for name, tensor in straight[key].items():
             assert torch.allclose(tensor, resumed[key][name], atol=1e-6), (key, name)
+
+
+def test_lr_decay_counts_epochs_when_a_run_resumes_with_another_batch_size(tiny_mnist, tmp_path):
+    """Two epochs of 3 steps (batch 16), then resumed with batch 48 (1 step per epoch): the third
+    epoch's lr is lr * 0.5^2, as for any batch size. Counting decays by steps of the new run's
+    length would give 0.5^6. The value checked is the one the optimizer used, so a loop that
+    computed the lr without applying it fails too."""
+    run = tmp_path / "run"
+    train.main(["--data_dir", tiny_mnist, *TINY_RUN, "--precision", "fp32", "--save_dir", str(run),
+                "--epochs", "2", "--warmup_steps", "0", "--lr", "1e-3", "--lr_decay_step", "1"])
+    first = load_checkpoint(str(run / "ckpt_final.pt"))
+    assert (first["epoch"], first["step"]) == (2, 6)
+    assert first["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3 * 0.5)  # epoch 2's
+    train.main(["--resume", str(run / "ckpt_final.pt"), "--batch_size", "48", "--epochs", "3"])
+    resumed = load_checkpoint(str(run / "ckpt_final.pt"))
+    assert (resumed["epoch"], resumed["step"]) == (3, 7)
+    assert resumed["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3 * 0.5 ** 2)
+
+
+def test_each_epoch_reads_the_data_in_its_own_seeded_order(tiny_mnist, tmp_path, monkeypatch):
+    """Epoch e visits the images in the order torch.randperm(N) draws from a generator seeded
+    with seed + e (DistributedSampler's rule), batch by batch: a new order every epoch, the same
+    for the same seed. A loop that forgot set_epoch would repeat epoch 0's order."""
+    from data import load_training_set, to_model_range
+    seen = []
+    real_step = training.training_step
+
+    def recording_step(model, scheduler, optimizer, x0, *args, **kwargs):
+        seen.append(x0.clone())
+        return real_step(model, scheduler, optimizer, x0, *args, **kwargs)
+
+    monkeypatch.setattr(training, "training_step", recording_step)
+    train.main(["--data_dir", tiny_mnist, *TINY_RUN, "--save_dir", str(tmp_path), "--epochs", "2",
+                "--seed", "5"])
+    images = to_model_range(load_training_set(tiny_mnist, 16, 1, subset=48)[0], "cpu")
+    expected = []
+    for epoch in range(2):
+        order = torch.randperm(48, generator=torch.Generator().manual_seed(5 + epoch))
+        expected += [images[order[i:i + 16]] for i in range(0, 48, 16)]
+    assert len(seen) == len(expected) == 6
+    for step, (batch, batch_expected) in enumerate(zip(seen, expected)):
+        assert torch.equal(batch, batch_expected), step
+
+
+def read_metrics(path):
+    import csv
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_metrics_csv_and_options_file_survive_a_resume(tiny_mnist, tmp_path):
+    """metrics.csv gets a row at each epoch's end (3 steps here) and where the run stops; a run
+    resumed from an earlier checkpoint drops the rows past it and goes on, with no step missing
+    or repeated and the elapsed time carried on. options.args reruns the same recipe."""
+    run = tmp_path / "run"
+    recipe = ["--data_dir", tiny_mnist, *TINY_RUN, "--precision", "fp32", "--lr", "4e-3",
+              "--lr_decay_step", "2", "--save_freq", "1", "--epochs", "5"]
+    train.main([*recipe, "--save_dir", str(run), "--max_steps", "7"])
+    assert [row["step"] for row in read_metrics(run / "metrics.csv")] == ["3", "6", "7"]
+    # as if the run had died after step 7 and were resumed from its epoch-2 checkpoint
+    train.main(["--resume", str(run / "ckpt_epoch_2.pt"), "--max_steps", "12"])
+    rows = read_metrics(run / "metrics.csv")
+    assert [int(row["step"]) for row in rows] == [3, 6, 9, 10, 12]  # 10: every LOG_EVERY steps
+    assert [row["epoch"] for row in rows] == ["1.0000", "2.0000", "3.0000", "3.3333", "4.0000"]
+    for row in rows:  # the lr each row ends with: warm-up of 2 steps, halved every 2 epochs
+        epochs_done = math.ceil(float(row["epoch"])) - 1
+        assert float(row["lr"]) == pytest.approx(4e-3 * 0.5 ** (epochs_done // 2), rel=1e-5), row
+        assert 0 < float(row["loss"]) < 3 and float(row["img_per_s"]) > 0
+    elapsed = [float(row["elapsed_s"]) for row in rows]
+    assert elapsed == sorted(elapsed) and elapsed[-1] > 0
+
+    args = train.build_parser().parse_args([f"@{run / 'options.args'}"])
+    assert vars(args) == dict(load_checkpoint(str(run / "ckpt_final.pt"))["args"], resume=None)
+    assert args.max_steps == 12 and args.lr == 4e-3 and args.data_dir == tiny_mnist
+
+
+@pytest.mark.parametrize("main,expected", [
+    (train.main, ["--lr LR", "(default: 0.0002)", "--timesteps TIMESTEPS", "(default: 1000)"]),
+    (infer_cfg.main, ["--guidance_scale GUIDANCE_SCALE", "(default: 5.0)", "model_b.pt)"]),
+    (evaluate.main, ["--num_samples NUM_SAMPLES", "(default: 1000)"]),
+])
+def test_help_shows_the_defaults(main, expected, capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for piece in expected:
+        assert piece in text

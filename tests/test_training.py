@@ -1,6 +1,7 @@
 """EMA, the learning-rate schedule and the optimizer, against closed forms."""
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from ema import EMA
@@ -24,16 +25,17 @@ def test_ema_starts_as_a_copy_and_follows_the_closed_form():
     assert torch.allclose(ema.module.weight, model.weight, atol=1e-6)
 
 
-def test_learning_rate_warmup_then_step_decay():
+def test_learning_rate_warmup_then_step_decay_by_epochs():
+    """lr = peak * min(1, (step + 1) / warmup) * rate ** (epoch // decay_step), whatever the
+    number of steps per epoch (a resumed run may take other batches)."""
     args = SimpleNamespace(lr=1e-3, warmup_steps=10, lr_decay_step=2, lr_decay_rate=0.5)
-    steps_per_epoch = 100
-    assert learning_rate(args, 0, steps_per_epoch) == 1e-4          # (0 + 1) / 10 of the peak
-    assert learning_rate(args, 9, steps_per_epoch) == 1e-3
-    assert learning_rate(args, 199, steps_per_epoch) == 1e-3         # still epochs 1-2
-    assert learning_rate(args, 200, steps_per_epoch) == 5e-4         # epoch 3: one decay
-    assert learning_rate(args, 450, steps_per_epoch) == 2.5e-4       # epoch 5: two
+    assert learning_rate(args, 0, epoch=0) == 1e-4                  # (0 + 1) / 10 of the peak
+    assert learning_rate(args, 9, epoch=0) == 1e-3
+    assert learning_rate(args, 10_000, epoch=1) == 1e-3             # still epochs 1-2
+    assert learning_rate(args, 200, epoch=2) == 5e-4                # epoch 3: one decay
+    assert learning_rate(args, 3, epoch=5) == pytest.approx(1e-4)  # 4/10 warm-up, two decays
     args.lr_decay_step = None
-    assert learning_rate(args, 10_000, steps_per_epoch) == 1e-3
+    assert learning_rate(args, 10_000, epoch=50) == 1e-3
 
 
 def test_optimizer_is_adamw_without_weight_decay_by_its_closed_form():
@@ -57,13 +59,9 @@ def test_optimizer_is_adamw_without_weight_decay_by_its_closed_form():
         assert torch.allclose(model.weight.double(), w, atol=1e-6)
 
 
-def test_bf16_autocast_training_tracks_fp32():
-    """bf16 autocast with fp32 master weights (the default on CUDA and AMX CPUs) follows the
-    fp32 run step for step: same start, same timesteps and noise, both learn, and the losses
-    differ by 1.4% on average (measured). On the CPU bf16 also switches attention to the plain
-    softmax(QK^T)V path, so this compares that path against fused SDPA in training: with its
-    1/sqrt(d) scale left out the gap grew to 4.2%, which fails here; so would a run that
-    silently ignored bf16 (identical losses)."""
+def tracked_runs(amp_dtype, grad_scaler_for=None):
+    """60 steps of a tiny model B on bar digits in fp32 and under `amp_dtype` (same start,
+    timesteps and noise); returns the two loss curves (60,)."""
     from dit_cfg import ConditionalDiT
     from scheduler import NoiseScheduler
     from training import training_step
@@ -79,17 +77,71 @@ def test_bf16_autocast_training_tracks_fp32():
     noises = torch.randn(steps, *x0.shape, generator=gen)
     scheduler = NoiseScheduler()
 
-    def run(amp_dtype):
+    def run(dtype):
         torch.manual_seed(0)
         model = ConditionalDiT(img_size=8, patch_size=2, dim=32, depth=2, heads=2, cond_tokens=2,
                                cond_drop_prob=0.0)
         optimizer = make_optimizer(model, 2e-3, "cpu")
-        return torch.stack([training_step(model, scheduler, optimizer, x0, labels, amp_dtype=amp_dtype,
-                                          grad_clip=1.0, t=ts[k], noise=noises[k]) for k in range(steps)])
+        scaler = grad_scaler_for() if dtype is not None and grad_scaler_for else None
+        return torch.stack([training_step(model, scheduler, optimizer, x0, labels, amp_dtype=dtype,
+                                          grad_scaler=scaler, grad_clip=1.0, t=ts[k], noise=noises[k])
+                            for k in range(steps)])
 
-    fp32, bf16 = run(None), run(torch.bfloat16)
+    return run(None), run(amp_dtype)
+
+
+def test_bf16_autocast_training_tracks_fp32():
+    """bf16 autocast with fp32 master weights (the default on CUDA and AMX CPUs) follows the
+    fp32 run step for step: both learn, and the losses differ by 1.4% on average (measured).
+    On the CPU bf16 also switches attention to the plain softmax(QK^T)V path, so this compares
+    that path against fused SDPA in training: with its 1/sqrt(d) scale left out the gap grew
+    to 4.2%, which fails here; so would a run that silently ignored bf16 (identical losses)."""
+    fp32, bf16 = tracked_runs(torch.bfloat16)
     assert not torch.equal(fp32, bf16)  # bf16 was used
     assert fp32[-10:].mean() < 0.6 * fp32[:10].mean()  # it learns
     assert bf16[-10:].mean() < 0.6 * bf16[:10].mean()
     relative = ((bf16 - fp32).abs() / fp32).mean()
     assert relative < 0.025, relative.item()
+
+
+def test_fp16_training_with_a_grad_scaler_tracks_fp32():
+    """--precision fp16: autocast to float16 with a GradScaler, which multiplies the loss by
+    S = 2^16 before backward and divides the gradients by S before clipping and the step. Had
+    the gradients not been unscaled, clipping would see them S times too large and the steps
+    would shrink, so the losses would leave the fp32 curve; had fp16 been ignored, the curves
+    would be identical."""
+    scalers = []
+
+    def make_scaler():
+        scalers.append(torch.amp.GradScaler("cpu"))
+        return scalers[-1]
+
+    fp32, fp16 = tracked_runs(torch.float16, make_scaler)
+    assert scalers and scalers[0].get_scale() >= 2.0 ** 10  # the scale stayed large: no runaway overflow
+    assert not torch.equal(fp32, fp16)
+    assert fp16[-10:].mean() < 0.6 * fp16[:10].mean()
+    relative = ((fp16 - fp32).abs() / fp32).mean()
+    assert relative < 0.025, relative.item()
+
+
+@pytest.mark.parametrize("capability,expected", [((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 5), "fp16"),
+                                                 ((7, 0), "fp16"), ((6, 1), "fp32")])
+def test_default_precision_on_cuda_follows_the_compute_capability(capability, expected, monkeypatch):
+    """bf16 only from Ampere (8.0) on: older GPUs report bf16 as supported but emulate it."""
+    from options import default_precision
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # as a T4 says
+    assert default_precision(torch.device("cuda", 0)) == expected
+
+
+@pytest.mark.parametrize("cpuinfo,expected", [("flags : avx2 amx_bf16 amx_tile", "bf16"),
+                                              ("flags : avx2 avx512f avx512_bf16", "bf16"),
+                                              ("flags : avx2 fma", "fp32")])
+def test_default_precision_on_cpu_follows_its_bf16_hardware(cpuinfo, expected, monkeypatch, tmp_path):
+    import builtins
+    import options
+    real_open = builtins.open
+    (tmp_path / "cpuinfo").write_text(cpuinfo)
+    monkeypatch.setattr(builtins, "open", lambda path, *a, **k: real_open(
+        tmp_path / "cpuinfo" if path == "/proc/cpuinfo" else path, *a, **k))
+    assert options.default_precision(torch.device("cpu")) == expected
