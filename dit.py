@@ -1,8 +1,8 @@
 """Model A: an unconditional Diffusion Transformer (Peebles & Xie, 2023) that predicts noise.
 
     x (B, C, H, W) --patchify--> (B, N, p*p*C) --linear--> tokens (B, N, dim) + 2D sin-cos positions
-    t (B,) --sinusoid--> MLP --> c (B, dim)       (conditions every block through adaLN-Zero)
-    depth x DiTBlock(tokens, c) --> FinalLayer --> (B, N, p*p*C) --unpatchify--> eps_hat (B, C, H, W)
+    t (B,) --sinusoid--> MLP --> t_emb (B, dim)   (conditions every block through adaLN-Zero)
+    depth x DiTBlock(tokens, t_emb) --> FinalLayer --> (B, N, p*p*C) --unpatchify--> eps_hat (B, C, H, W)
 
 with N = (H / p) * (W / p) tokens. The pieces are small classes that dit_cfg.py (model B)
 imports and reuses; all initialisation lives in `DiT.initialize_weights`.
@@ -151,7 +151,7 @@ def modulate(x, shift, scale):
 
 
 class DiTBlock(nn.Module):
-    """Self-attention and MLP, each modulated and gated by the conditioning vector c (adaLN-Zero).
+    """Self-attention and MLP, each modulated and gated by the time embedding t_emb (adaLN-Zero).
 
         h = h + gate_msa * Attn(modulate(LN(h), shift_msa, scale_msa))
         h = h + gate_mlp * MLP(modulate(LN(h), shift_mlp, scale_mlp))
@@ -163,12 +163,12 @@ class DiTBlock(nn.Module):
         self.attn = SelfAttention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        # c (B, dim) -> six (B, dim) vectors; zero-initialised, so each block starts as identity
+        # t_emb (B, dim) -> six (B, dim) vectors; zero-initialised, so each block starts as identity
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, h, c):  # h: (B, N, dim), c: (B, dim)
+    def forward(self, h, t_emb):  # h: (B, N, dim), t_emb: (B, dim)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = \
-            self.adaLN_modulation(c).chunk(6, dim=-1)
+            self.adaLN_modulation(t_emb).chunk(6, dim=-1)
         h = h + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(h), shift_msa, scale_msa))
         h = h + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(h), shift_mlp, scale_mlp))
         return h
@@ -183,8 +183,8 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(dim, patch_size * patch_size * channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
-    def forward(self, h, c):  # (B, N, dim), (B, dim) -> (B, N, p*p*C)
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+    def forward(self, h, t_emb):  # (B, N, dim), (B, dim) -> (B, N, p*p*C)
+        shift, scale = self.adaLN_modulation(t_emb).chunk(2, dim=-1)
         return self.linear(modulate(self.norm(h), shift, scale))
 
 
@@ -195,6 +195,9 @@ class DiT(nn.Module):
     """Unconditional DiT noise predictor: forward(x, t) -> eps_hat with x's shape."""
 
     kind = "dit"  # written into checkpoints so that each script recognises its own model
+    # Model A takes no label. Generic code asks `model.num_classes` (0 here, the number of
+    # digits for model B) rather than dispatching on `kind`.
+    num_classes = 0
 
     def __init__(self, img_size=64, channels=1, patch_size=2, dim=256, depth=6, heads=8,
                  mlp_ratio=4.0):
@@ -243,21 +246,21 @@ class DiT(nn.Module):
             raise ValueError(f"expected t of shape ({x.shape[0]},), got {tuple(t.shape)}")
 
     def embed(self, x, t):
-        """x (B, C, H, W), t (B,) -> tokens (B, N, dim), conditioning vector (B, dim)."""
+        """x (B, C, H, W), t (B,) -> tokens (B, N, dim) with their positions added, time embedding (B, dim)."""
         self.check_input(x, t)
         tokens = self.patch_embed(patchify(x, self.patch_size)) + self.pos_embed
         return tokens, self.t_embedder(t)
 
-    def unembed(self, h, c):
-        """tokens (B, N, dim) -> eps_hat (B, C, H, W)."""
-        out = self.final_layer(h, c)
+    def unembed(self, h, t_emb):
+        """tokens (B, N, dim), time embedding (B, dim) -> eps_hat (B, C, H, W)."""
+        out = self.final_layer(h, t_emb)
         return unpatchify(out, self.patch_size, self.channels, self.img_size, self.img_size)
 
     def forward(self, x, t):
-        h, c = self.embed(x, t)
+        h, t_emb = self.embed(x, t)
         for block in self.blocks:
-            h = block(h, c)
-        return self.unembed(h, c)
+            h = block(h, t_emb)
+        return self.unembed(h, t_emb)
 
 
 class ModelConfigError(ValueError):

@@ -5,6 +5,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -59,3 +60,14 @@ def ref_alphas_cumprod(schedule, T=1000, beta_start=1e-4, beta_end=0.02):
         t = np.arange(T)
         betas = np.minimum(1 - f(t + 1) / f(t), 0.999)
     return betas, np.cumprod(1 - betas)
+
+
+def perturbed(model, std=0.05, seed=0):
+    """`model` with N(0, std^2) added to every parameter, in place, so that the zero-initialised
+    layers (adaLN, output, cross-attention projections) pass signal and the output depends on
+    every input; returned in eval mode."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * std)
+    return model.eval()

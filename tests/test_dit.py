@@ -6,13 +6,66 @@ import torch.nn.functional as F
 
 from dit import (DiT, ModelConfigError, TimestepEmbedder, attention, patchify,
                  sincos_pos_embed_2d, timestep_sinusoid, unpatchify)
+from tests.conftest import perturbed
 
 
 @pytest.mark.parametrize("img_size,patch_size,channels", [(8, 2, 1), (16, 4, 1), (12, 3, 3), (8, 8, 2)])
-def test_output_shape(img_size, patch_size, channels):
-    model = DiT(img_size=img_size, channels=channels, patch_size=patch_size, dim=32, depth=2, heads=4)
-    x = torch.randn(3, channels, img_size, img_size)
-    assert model(x, torch.tensor([0, 5, 999])).shape == x.shape
+def test_output_shape_and_values(img_size, patch_size, channels):
+    """Shape, and with weights off their zero init: each sample's output is that sample's alone
+    (nothing mixes across the batch) and depends on its image and its timestep."""
+    torch.manual_seed(0)
+    model = perturbed(DiT(img_size=img_size, channels=channels, patch_size=patch_size, dim=32, depth=2, heads=4))
+    x, t = torch.randn(3, channels, img_size, img_size), torch.tensor([0, 5, 999])
+    with torch.no_grad():
+        out = model(x, t)
+        assert out.shape == x.shape and out.dtype == torch.float32 and out.isfinite().all()
+        for i in range(3):
+            torch.testing.assert_close(model(x[i:i + 1], t[i:i + 1]), out[i:i + 1], rtol=1e-5, atol=1e-6)
+        assert (model(x, t.flip(0)) - out)[[0, 2]].abs().amax(dim=(1, 2, 3)).gt(1e-3).all()  # t changes it
+        assert (model(x.flip(0), t) - out)[[0, 2]].abs().amax(dim=(1, 2, 3)).gt(1e-3).all()  # x changes it
+
+
+def ref_sincos_table(dim, grid_size):
+    """(grid_size**2, dim), written from the definition with python floats: token n = row * G + col
+    gets [sin(row w_k)]_k, [cos(row w_k)]_k, [sin(col w_k)]_k, [cos(col w_k)]_k, w_k = 10000^(-k / (dim/4))."""
+    freqs = [10000 ** (-k / (dim // 4)) for k in range(dim // 4)]
+    rows = []
+    for row in range(grid_size):
+        for col in range(grid_size):
+            rows.append([f(pos * w) for pos in (row, col) for f in (math.sin, math.cos) for w in freqs])
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def test_embed_adds_the_2d_sincos_positions():
+    """embed() = linear patch embedding + the position table, computed here independently: patches
+    by F.unfold (row-major, one channel), the linear from its weights, the table from its formula."""
+    torch.manual_seed(0)
+    model = DiT(img_size=8, patch_size=2, dim=16, depth=1, heads=2)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 700])
+    with torch.no_grad():
+        tokens, _ = model.embed(x, t)
+    patches = F.unfold(x.double(), kernel_size=2, stride=2).transpose(1, 2)  # (2, 16, 4)
+    linear = patches @ model.patch_embed.weight.double().T + model.patch_embed.bias.double()
+    torch.testing.assert_close(tokens.double(), linear + ref_sincos_table(16, 4), rtol=0, atol=1e-5)
+
+
+def test_output_is_not_equivariant_to_permuting_patches():
+    """Self-attention, the MLP and adaLN treat tokens as a set: without positions, moving the
+    input's patches would move the output's patches the same way. The 2D positions break that,
+    so the model can tell where a patch is; zeroing them restores it (the test's premise)."""
+    torch.manual_seed(0)
+    model = perturbed(DiT(img_size=8, patch_size=2, dim=32, depth=2, heads=4))
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 600])
+    perm = torch.randperm(16, generator=torch.Generator().manual_seed(1))
+
+    def permuted(images):  # move the 16 patches of (B, 1, 8, 8) images by perm
+        return unpatchify(patchify(images, 2)[:, perm], 2, 1, 8, 8)
+
+    with torch.no_grad():
+        gap = (model(permuted(x), t) - permuted(model(x, t))).abs().max()
+        model.pos_embed.zero_()
+        torch.testing.assert_close(model(permuted(x), t), permuted(model(x, t)), rtol=1e-5, atol=1e-5)
+    assert gap > 1e-2, gap
 
 
 def test_zero_output_at_initialisation():
