@@ -1,7 +1,7 @@
 """Model B: a class-conditional DiT whose label enters through cross-attention.
 
-    y (B,) --ConditionEncoder--> c_tokens (B, N2, dim)          N2 = cond_tokens >= 2
-    in every block:  h = h + CrossAttn(LN(h), c_tokens)       queries: image tokens h (B, N1, dim)
+    y (B,) --ConditionEncoder--> cond_tokens (B, N2, dim)       N2 >= 2
+    in every block:  h = h + CrossAttn(LN(h), cond_tokens)    queries: image tokens h (B, N1, dim)
                      h = DiTBlock(h, t_emb)                   adaLN-Zero on the time step, as in model A
 
 Label y = num_classes is the learned "null" label: during training a share
@@ -19,8 +19,8 @@ from dit import DiT, DiTBlock, ModelConfigError, attention, merge_heads, split_h
 class CrossAttention(nn.Module):
     """Image tokens attend to condition tokens: softmax(Q K^T / sqrt(d)) V.
 
-    Q comes from h (B, N1, dim); K and V from any condition tensor c (B, N2, dim), so a
-    richer condition (a text encoder's output, say) plugs in without touching the block.
+    Q comes from h (B, N1, dim); K and V from any condition tensor (B, N2, dim), so a richer
+    condition (a text encoder's output, say) plugs in without touching the block.
     """
 
     def __init__(self, dim, heads):
@@ -30,17 +30,11 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def context_kv(self, c):
-        """c (B, N2, dim) -> keys and values, each (B, heads, N2, dim/heads).
-
-        Separate from forward so that a sampler can compute them once per run: the
-        condition does not change with t."""
-        k, v = self.kv(c).chunk(2, dim=-1)
-        return split_heads(k, self.heads), split_heads(v, self.heads)
-
-    def forward(self, h, c=None, kv=None):  # h: (B, N1, dim) -> (B, N1, dim)
-        k, v = self.context_kv(c) if kv is None else kv
-        return self.proj(merge_heads(attention(split_heads(self.q(h), self.heads), k, v)))
+    def forward(self, h, cond_tokens):  # h: (B, N1, dim), cond_tokens: (B, N2, dim) -> (B, N1, dim)
+        k, v = self.kv(cond_tokens).chunk(2, dim=-1)  # 2 x (B, N2, dim)
+        q = split_heads(self.q(h), self.heads)
+        out = attention(q, split_heads(k, self.heads), split_heads(v, self.heads))
+        return self.proj(merge_heads(out))
 
 
 class CrossDiTBlock(DiTBlock):
@@ -51,9 +45,9 @@ class CrossDiTBlock(DiTBlock):
         self.norm_cross = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.cross_attn = CrossAttention(dim, heads)
 
-    def forward(self, h, c, kv):  # h (B, N1, dim), c = time embedding (B, dim), kv from context_kv
-        h = h + self.cross_attn(self.norm_cross(h), kv=kv)
-        return super().forward(h, c)
+    def forward(self, h, t_emb, cond_tokens):  # h (B, N1, dim), t_emb (B, dim), cond_tokens (B, N2, dim)
+        h = h + self.cross_attn(self.norm_cross(h), cond_tokens)
+        return super().forward(h, t_emb)
 
 
 class ConditionEncoder(nn.Module):
@@ -64,8 +58,7 @@ class ConditionEncoder(nn.Module):
     N2 >= 2 distinct tokens each image token weighs them by its own query.
 
     Row `num_classes` of the table is the null label. In train mode each label is
-    replaced by it with probability `drop_prob` (condition dropout for CFG training);
-    `drop_all=True` replaces every label (the unconditional branch of guidance).
+    replaced by it with probability `drop_prob` (condition dropout for CFG training).
     """
 
     def __init__(self, num_classes, dim, cond_tokens, drop_prob):
@@ -74,16 +67,14 @@ class ConditionEncoder(nn.Module):
         self.cond_tokens, self.dim, self.drop_prob = cond_tokens, dim, drop_prob
         self.table = nn.Embedding(num_classes + 1, cond_tokens * dim)
 
-    def drop_labels(self, y, drop_all=False):
-        if drop_all:
-            return torch.full_like(y, self.null_label)
+    def drop_labels(self, y):
         if self.training and self.drop_prob > 0:
             drop = torch.rand(y.shape, device=y.device) < self.drop_prob
             return torch.where(drop, torch.full_like(y, self.null_label), y)
         return y
 
-    def forward(self, y, drop_all=False):
-        y = self.drop_labels(y, drop_all)
+    def forward(self, y):
+        y = self.drop_labels(y)
         return self.table(y).view(y.shape[0], self.cond_tokens, self.dim)  # (B, N2, dim)
 
 
@@ -96,7 +87,7 @@ class ConditionalDiT(DiT):
                  heads=8, mlp_ratio=4.0, cond_tokens=4, cond_drop_prob=0.1):
         if not isinstance(cond_tokens, int) or cond_tokens < 2:
             raise ModelConfigError(f"cond_tokens must be an integer >= 2, got {cond_tokens!r}: with one "
-                             "condition token cross-attention degenerates into a constant bias")
+                                   "condition token cross-attention degenerates into a constant bias")
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ModelConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
         if not 0 <= cond_drop_prob <= 1:
@@ -122,21 +113,15 @@ class ConditionalDiT(DiT):
             nn.init.zeros_(block.cross_attn.proj.weight)
             nn.init.zeros_(block.cross_attn.proj.bias)
 
-    def condition_kv(self, y, drop_all=False):
-        """Labels (B,) -> per-block cross-attention keys and values (computed once per sampling run)."""
-        c_tokens = self.cond_encoder(y, drop_all)  # (B, N2, dim)
-        return [block.cross_attn.context_kv(c_tokens) for block in self.blocks]
-
-    def forward(self, x, t, y=None, drop_all=False, cond_kv=None):
+    def forward(self, x, t, y):
         """x (B, C, H, W), t (B,), y (B,) labels in [0, num_classes] -> eps_hat (B, C, H, W).
 
-        Pass `cond_kv` (from `condition_kv`) instead of y to reuse precomputed keys/values."""
-        if cond_kv is None:
-            if y is None or y.shape != (x.shape[0],):
-                raise ValueError(f"expected labels y of shape ({x.shape[0]},), "
-                                 f"got {None if y is None else tuple(y.shape)}")
-            cond_kv = self.condition_kv(y, drop_all)
-        h, c = self.embed(x, t)
-        for block, kv in zip(self.blocks, cond_kv):
-            h = block(h, c, kv)
-        return self.unembed(h, c)
+        y = num_classes (null_label) asks for the unconditional prediction."""
+        if y is None or y.shape != (x.shape[0],):
+            raise ValueError(f"expected labels y of shape ({x.shape[0]},), "
+                             f"got {None if y is None else tuple(y.shape)}")
+        cond_tokens = self.cond_encoder(y)  # (B, N2, dim)
+        h, t_emb = self.embed(x, t)
+        for block in self.blocks:
+            h = block(h, t_emb, cond_tokens)
+        return self.unembed(h, t_emb)

@@ -175,22 +175,22 @@ DEFAULT_GUIDANCE_SCALE = 5.0
 
 
 def guided_noise_fn(model, labels, guidance_scale):
-    """Classifier-free guidance for model B as a model_fn(x_t, t):
+    """Classifier-free guidance for model B as a model_fn(x_t, t), labels (B,):
 
         eps = eps(x_t, t, null) + s * (eps(x_t, t, y) - eps(x_t, t, null))
 
-    Both predictions come from one forward pass over a doubled batch. The condition's
-    cross-attention keys and values are computed here, once: they do not depend on t.
-    s = 1 needs only the conditional half and s = 0 only the unconditional one.
+    Both predictions come from one forward pass over the doubled batch [x; x] with labels
+    [y; null]. s = 1 needs only the conditional half and s = 0 only the unconditional one.
     """
-    if guidance_scale in (0, 1):
-        cond_kv = model.condition_kv(labels, drop_all=guidance_scale == 0)
-        return lambda x, t: model(x, t, cond_kv=cond_kv)
-    cond_kv = [(torch.cat([k_c, k_u]), torch.cat([v_c, v_u])) for (k_c, v_c), (k_u, v_u) in
-               zip(model.condition_kv(labels), model.condition_kv(labels, drop_all=True))]
+    null = torch.full_like(labels, model.null_label)
+    if guidance_scale == 0:
+        return lambda x, t: model(x, t, null)
+    if guidance_scale == 1:
+        return lambda x, t: model(x, t, labels)
+    both = torch.cat([labels, null])  # (2B,)
 
     def noise_fn(x, t):
-        eps_cond, eps_uncond = model(torch.cat([x, x]), torch.cat([t, t]), cond_kv=cond_kv).chunk(2)
+        eps_cond, eps_uncond = model(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
         return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
     return noise_fn
