@@ -379,6 +379,48 @@ def save_preview(ema_model, scheduler, path, device, amp_dtype):
 
 
 # ----------------------------------------------------------------------------------------
+# Resuming exactly
+
+
+def training_state(model, ema, optimizer, grad_scaler, scheduler, args, ranks, device, **position):
+    """The checkpoint dict (checkpoint.py lists its keys): everything a resumed run needs to
+    continue as if it had never stopped. `position`: epoch, step, batch_in_epoch, elapsed_s."""
+    rng = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)  # the training GPU's, not the current one's
+    return {
+        "kind": model.kind, "model_config": dict(model.config), "scheduler_config": scheduler.config,
+        "model": clean_state_dict(model.state_dict()), "ema": clean_state_dict(ema.state_dict()),
+        "ema_updates": ema.num_updates, "optimizer": optimizer.state_dict(),
+        "grad_scaler": grad_scaler.state_dict() if grad_scaler is not None else None,
+        **position, "world_size": ranks.world_size, "rng": rng, "args": vars(args),
+    }
+
+
+def restore_training_state(resume, model, ema, optimizer, grad_scaler):
+    """Load a checkpoint's weights, EMA, optimizer and (fp16) grad-scaler state; returns where
+    it stopped: (epoch, step, batch_in_epoch, elapsed_s)."""
+    model.load_state_dict(clean_state_dict(resume["model"]))
+    ema.load_state_dict(clean_state_dict(resume["ema"]), resume["ema_updates"])
+    optimizer.load_state_dict(resume["optimizer"])
+    if grad_scaler is not None and resume.get("grad_scaler"):
+        grad_scaler.load_state_dict(resume["grad_scaler"])
+    return resume["epoch"], resume["step"], resume["batch_in_epoch"], resume.get("elapsed_s", 0.0)
+
+
+def seed_random_stream(resume, seed, ranks, step, device):
+    """Noise, timesteps and label dropout draw from torch's global generator: a different
+    stream on each rank. One process resuming continues the very stream it was saved with,
+    so that the resumed run repeats the uninterrupted one exactly."""
+    if resume is not None and ranks.world_size == 1:
+        torch.set_rng_state(resume["rng"]["cpu"])
+        if "cuda" in resume["rng"] and device.type == "cuda":
+            torch.cuda.set_rng_state(resume["rng"]["cuda"], device)
+    else:
+        torch.manual_seed(seed + ranks.rank + ranks.world_size * step)
+
+
+# ----------------------------------------------------------------------------------------
 # The run
 
 
@@ -414,24 +456,10 @@ def train(run, ranks=Ranks(), device=None):
     ema = EMA(model, args.ema_decay)
     epoch, step, batch_in_epoch, elapsed_before = 0, 0, 0, 0.0
     if run.resume is not None:
-        resume = run.resume
-        model.load_state_dict(clean_state_dict(resume["model"]))
-        ema.load_state_dict(clean_state_dict(resume["ema"]), resume["ema_updates"])
-        optimizer.load_state_dict(resume["optimizer"])
-        if grad_scaler is not None and resume.get("grad_scaler"):
-            grad_scaler.load_state_dict(resume["grad_scaler"])
-        epoch, step, batch_in_epoch = resume["epoch"], resume["step"], resume["batch_in_epoch"]
-        elapsed_before = resume.get("elapsed_s", 0.0)
+        epoch, step, batch_in_epoch, elapsed_before = restore_training_state(
+            run.resume, model, ema, optimizer, grad_scaler)
         log(f"resumed from {args.resume} at epoch {epoch}, step {step}")
-
-    # noise, timesteps and label dropout: a different stream on each rank; one process
-    # continues the stream it was saved with, so that a resumed run repeats an unbroken one
-    if run.resume is not None and ranks.world_size == 1:
-        torch.set_rng_state(run.resume["rng"]["cpu"])
-        if "cuda" in run.resume["rng"] and device.type == "cuda":
-            torch.cuda.set_rng_state(run.resume["rng"]["cuda"], device)
-    else:
-        torch.manual_seed(args.seed + ranks.rank + ranks.world_size * step)
+    seed_random_stream(run.resume, args.seed, ranks, step, device)
 
     train_model = model
     if ranks.world_size > 1:
@@ -451,18 +479,8 @@ def train(run, ranks=Ranks(), device=None):
         """Rank 0 writes; a failure stops every rank with its one-line reason."""
         path, error = os.path.join(args.save_dir, name), None
         if ranks.is_main:
-            rng = {"cpu": torch.get_rng_state()}
-            if device.type == "cuda":
-                rng["cuda"] = torch.cuda.get_rng_state(device)  # the training GPU's, not the current one's
-            state = {
-                "kind": model.kind, "model_config": dict(model.config),
-                "scheduler_config": scheduler.config,
-                "model": clean_state_dict(model.state_dict()), "ema": clean_state_dict(ema.state_dict()),
-                "ema_updates": ema.num_updates, "optimizer": optimizer.state_dict(),
-                "grad_scaler": grad_scaler.state_dict() if grad_scaler is not None else None,
-                "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch,
-                "world_size": ranks.world_size, "elapsed_s": elapsed(), "rng": rng, "args": vars(args),
-            }
+            state = training_state(model, ema, optimizer, grad_scaler, scheduler, args, ranks, device,
+                                   epoch=epoch, step=step, batch_in_epoch=batch_in_epoch, elapsed_s=elapsed())
             try:
                 save_checkpoint(state, path)
                 if preview_name:
