@@ -1,7 +1,7 @@
 """Checkpoint files: plain dicts of tensors and numbers, written atomically, read safely.
 
 A training checkpoint holds
-    kind              "dit" (model A) or "dit_cfg" (model B)
+    kind              "unconditional" (model A) or "class_conditional" (model B)
     model_config      the model's keyword arguments, so inference never repeats them
     scheduler_config  the NoiseScheduler's keyword arguments
     model, ema        state dicts (no "module." / "_orig_mod." prefixes)
@@ -27,6 +27,8 @@ from scheduler import NoiseScheduler
 MODEL_CLASSES = {DiT.kind: DiT, ConditionalDiT.kind: ConditionalDiT}
 MODEL_NAMES = {DiT.kind: "model A (unconditional DiT, train.py/infer.py)",
                ConditionalDiT.kind: "model B (conditional DiT, train_cfg.py/infer_cfg.py)"}
+# the same kinds as some checkpoints name them: after the models' modules
+KIND_BY_MODULE = {"dit": DiT.kind, "dit_cfg": ConditionalDiT.kind}
 REQUIRED_KEYS = ("kind", "model_config", "scheduler_config", "ema")
 TRAINING_STATE_KEYS = ("model", "optimizer", "epoch", "step", "batch_in_epoch", "ema_updates", "rng", "args")
 
@@ -99,6 +101,7 @@ def load_checkpoint(path, expected_kind=None, map_location="cpu", to_resume=Fals
     if not isinstance(ckpt, dict) or any(key not in ckpt for key in REQUIRED_KEYS):
         raise CheckpointError(f"{path} is not a SimplestDiffusion checkpoint "
                               f"(expected a dict with keys {', '.join(REQUIRED_KEYS)})")
+    ckpt["kind"] = KIND_BY_MODULE.get(ckpt["kind"], ckpt["kind"])
     if ckpt["kind"] not in MODEL_CLASSES:
         raise CheckpointError(f"{path} holds an unknown model kind {ckpt['kind']!r}")
     if expected_kind is not None and ckpt["kind"] != expected_kind:

@@ -194,7 +194,7 @@ class FinalLayer(nn.Module):
 class DiT(nn.Module):
     """Unconditional DiT noise predictor: forward(x, t) -> eps_hat with x's shape."""
 
-    kind = "dit"  # written into checkpoints so that each script recognises its own model
+    kind = "unconditional"  # written into checkpoints: each script recognises its own model
     # Model A takes no label. Generic code asks `model.num_classes` (0 here, the number of
     # digits for model B) rather than dispatching on `kind`.
     num_classes = 0

@@ -81,7 +81,7 @@ class ConditionEncoder(nn.Module):
 class ConditionalDiT(DiT):
     """Class-conditional DiT noise predictor: forward(x, t, y) -> eps_hat with x's shape."""
 
-    kind = "dit_cfg"
+    kind = "class_conditional"
 
     def __init__(self, img_size=32, channels=1, patch_size=4, num_classes=10, dim=256, depth=6,
                  heads=8, mlp_ratio=4.0, cond_tokens=4, cond_drop_prob=0.1):

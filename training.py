@@ -24,7 +24,7 @@ import torch.distributed as torch_dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoint import clean_state_dict, load_checkpoint, save_checkpoint
+from checkpoint import MODEL_NAMES, clean_state_dict, load_checkpoint, save_checkpoint
 from data import DataError, load_training_set, make_loader, to_model_range
 from ema import EMA
 from images import OutputError, check_output_dir, save_grid
@@ -504,7 +504,7 @@ def train(run, ranks=Ranks(), device=None):
     # --- the loop: lr, diffusion loss, optimizer step, EMA, log; a checkpoint per save_freq epochs
     stop = StopFlag(announce=ranks.is_main)  # from here on Ctrl-C saves a resumable checkpoint
     stopped = False
-    log(f"training {model.kind} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters) on "
+    log(f"training {MODEL_NAMES[model.kind]}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
         f"{len(images)} images, {device}, {precision}, world size {ranks.world_size}, "
         f"global batch {args.batch_size * ranks.world_size}")
     try:

@@ -1,9 +1,11 @@
-"""Checkpoint files: durable saves."""
+"""Checkpoint files: durable saves, the kinds they name."""
 import os
 
 import torch
 
 import checkpoint
+from dit import DiT
+from dit_cfg import ConditionalDiT
 
 
 def test_a_save_reaches_the_disk_before_and_after_the_rename(tmp_path, monkeypatch):
@@ -33,3 +35,13 @@ def test_a_save_reaches_the_disk_before_and_after_the_rename(tmp_path, monkeypat
     assert events[2][1] == str(tmp_path)  # the folder
     assert torch.equal(torch.load(path, weights_only=True)["weights"], torch.arange(1000.0))
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary file left
+
+
+def test_checkpoints_that_name_the_kind_by_its_module_load_as_that_model(tmp_path):
+    for module_name, model_class in (("dit", DiT), ("dit_cfg", ConditionalDiT)):
+        model = model_class(img_size=8, patch_size=4, dim=16, depth=1, heads=2)
+        path = str(tmp_path / f"{module_name}.pt")
+        checkpoint.save_checkpoint({"kind": module_name, "model_config": dict(model.config),
+                                    "scheduler_config": {"timesteps": 1000}, "ema": model.state_dict()}, path)
+        loaded, _, ckpt = checkpoint.load_model(path, expected_kind=model_class.kind)
+        assert type(loaded) is model_class and ckpt["kind"] == model_class.kind

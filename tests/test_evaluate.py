@@ -182,7 +182,7 @@ def test_end_to_end_on_a_tiny_checkpoint(tiny_mnist, tmp_path, capsys):
                "--steps", "2", "--device", "cpu", "--data_dir", tiny_mnist,
                "--classifier", str(classifier), "--json", str(out))
     report = json.loads(out.read_text())
-    assert report["kind"] == "dit_cfg" and report["num_samples"] == 20 and report["steps"] == 2
+    assert report["kind"] == "class_conditional" and report["num_samples"] == 20 and report["steps"] == 2
     assert report["classifier"] == {"path": str(classifier), "test_acc": acc}
     assert report["real_floor"]["num_images"] == 20 and report["real_floor"]["fid"] >= 0
     [row] = report["results"]

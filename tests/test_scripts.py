@@ -59,7 +59,7 @@ def run_b(tiny_mnist, tmp_path_factory):
 
 def test_train_writes_a_plain_checkpoint_and_preview(run_a):
     ckpt = load_checkpoint(str(run_a / "ckpt_final.pt"))  # weights_only=True inside
-    assert ckpt["kind"] == "dit" and ckpt["step"] == 4
+    assert ckpt["kind"] == "unconditional" and ckpt["step"] == 4
     assert ckpt["model_config"]["dim"] == 32 and ckpt["scheduler_config"]["timesteps"] == 1000
     assert isinstance(ckpt["args"], dict) and ckpt["args"]["max_steps"] == 4
     for state in (ckpt["model"], ckpt["ema"]):
@@ -228,7 +228,7 @@ def test_missing_mnist_is_one_line(tmp_path):
 
 def test_cfg_train_and_infer_label_and_grid(run_b, tmp_path):
     ckpt = str(run_b / "ckpt_final.pt")
-    assert load_checkpoint(ckpt)["kind"] == "dit_cfg"
+    assert load_checkpoint(ckpt)["kind"] == "class_conditional"
     preview = Image.open(run_b / "preview_final.png")
     assert preview.size[1] == 2 + 10 * 18  # one row per digit
     run_script("infer_cfg.py", "--ckpt", ckpt, "--output", str(tmp_path / "four.jpg"),
@@ -385,9 +385,9 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tiny_mnist, tmp_path):
     common = ["train.py", "--data_dir", tiny_mnist, *TINY_RUN, "--precision", "fp32", "--save_freq", "1000",
               "--epochs", "1000000"]  # far more steps than the test waits for: only Ctrl-C ends it
     save_dir = tmp_path / "interrupted"
-    # training.train() installs its SIGINT handler just before it logs "training dit (...)"
+    # training.train() installs its SIGINT handler just before it logs "training model A (...)"
     proc, out, err, threads = start_script([*common, "--save_dir", str(save_dir), "--max_steps", "100000"],
-                                           marker="training dit (")
+                                           marker="training model A (")
     proc.send_signal(signal.SIGINT)
     try:
         returncode = proc.wait(timeout=120)
