@@ -36,6 +36,9 @@ def add_sampling_args(parser, default_ckpt):
                              "several samples), or a directory (existing, or ending in /) that "
                              "receives one PNG per sample")
     parser.add_argument("--num_samples", type=positive_int, default=1, help="images to draw")
+    parser.add_argument("--scale", type=positive_int, default=1,
+                        help="magnify the picture, each pixel a scale x scale block (3 makes a "
+                             "28-pixel digit easy to see); files in an --output folder keep the model's size")
     add_sampler_args(parser)
     parser.add_argument("--eta", type=nonnegative_float, default=0.0,
                         help="DDIM noise: 0 deterministic, 1 ancestral (ddim only)")

@@ -120,9 +120,10 @@ def sample_names(count, prefix=""):
     return [f"{prefix}{i:0{width}d}" for i in range(count)]
 
 
-def save_samples(x, output, names, nrow):
-    """A grid (or a single image) at `output`, or one file per sample when it is a directory."""
+def save_samples(x, output, names, nrow, scale=1):
+    """A grid (or a single image) at `output`, magnified `scale` times, or one file per sample
+    at the model's size when `output` is a directory (data for other programs)."""
     if is_directory_output(output):
         save_images(x, output, names)
     else:
-        save_grid(x, output, nrow=nrow)
+        save_grid(x, output, nrow=nrow, scale=scale)

@@ -26,7 +26,7 @@ def main(argv=None):
     images = generate_images(model, scheduler, args.num_samples, device=device,
                              **sampling_kwargs(args, scheduler, device))
     save_samples(images, args.output, sample_names(args.num_samples),
-                 nrow=math.ceil(math.sqrt(args.num_samples)))
+                 nrow=math.ceil(math.sqrt(args.num_samples)), scale=args.scale)
     print(f"wrote {args.num_samples} sample(s) to {args.output}")
 
 

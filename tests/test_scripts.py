@@ -237,6 +237,11 @@ def test_cfg_train_and_infer_label_and_grid(run_b, tmp_path):
     infer_cfg.main(["--ckpt", ckpt, "--output", str(tmp_path / "all.png"), "--label", "all",
                     "--num_samples", "2", "--steps", "3"])
     assert Image.open(tmp_path / "all.png").size == (2 + 2 * 18, 2 + 10 * 18)
+    infer_cfg.main(["--ckpt", ckpt, "--output", str(tmp_path / "all3.png"), "--label", "all",
+                    "--num_samples", "2", "--steps", "3", "--scale", "3"])
+    small, large = Image.open(tmp_path / "all.png"), Image.open(tmp_path / "all3.png")
+    assert large.size == (3 * small.size[0], 3 * small.size[1])
+    assert large.resize(small.size, Image.NEAREST).tobytes() == small.tobytes()  # each pixel a 3x3 block
     infer_cfg.main(["--ckpt", ckpt, "--output", str(tmp_path / "fours") + "/", "--label", "4",
                     "--num_samples", "2", "--steps", "2"])
     assert sorted(os.listdir(tmp_path / "fours")) == ["4_000.png", "4_001.png"]
