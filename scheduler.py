@@ -13,6 +13,7 @@ DPM-Solver++(2M)) live here; the sampling loop that drives them is
 sampling.py.
 """
 
+import copy
 import math
 import numbers
 
@@ -179,9 +180,7 @@ class NoiseScheduler:
         alphas_cumprod_prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])  # ab'_{k-1}
         k_prev = torch.cat([k.new_full((1,), -1), k[:-1]])
         betas = torch.where(k_prev == k - 1, self._betas64[k], 1 - alphas_cumprod / alphas_cumprod_prev)
-        chain = object.__new__(NoiseScheduler)
-        chain.beta_start, chain.beta_end, chain.schedule = self.beta_start, self.beta_end, self.schedule
-        chain._config = dict(self._config)
+        chain = copy.copy(self)  # the same schedule options and config; its tables replaced below
         chain._set_tables(betas, alphas_cumprod, self.timesteps[k], self.device)
         return chain
 

@@ -345,9 +345,12 @@ def test_respaced_tables_closed_form(schedule):
     beta'_1 = beta_1 (one-step jumps), and the posterior variance of the jump is
     beta'_k (1 - ab_{s_{k-1}}) / (1 - ab_{s_k})."""
     betas, ab = ref_alphas_cumprod(schedule)
-    chain = NoiseScheduler(schedule=schedule).respaced([999, 0, 250, 1])
+    source = NoiseScheduler(schedule=schedule)
+    chain = source.respaced([999, 0, 250, 1])
     s = [0, 1, 250, 999]
     assert chain.num_timesteps == 4 and chain.timesteps.tolist() == s
+    assert source.num_timesteps == T and source.betas.shape == (T,)  # left as it was
+    assert chain.config == source.config
     ab_k, ab_prev = ab[s], np.array([1.0, ab[0], ab[1], ab[250]])
     beta = 1 - ab_k / ab_prev
     np.testing.assert_allclose(beta[:2], betas[:2], rtol=1e-9)
