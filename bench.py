@@ -34,8 +34,8 @@ from sampling import generate_images
 from scheduler import NoiseScheduler
 from training import make_optimizer, training_step
 
-# Both models at their default sizes, at the batches the speed goals are stated for (README
-# "Performance"): A 64x64 in 2x2 patches (1024 tokens), batch 16; B 32x32 in 4x4 patches
+# Both models at their default sizes, at the batches the speed goals are stated for
+# (docs/performance.md): A 64x64 in 2x2 patches (1024 tokens), batch 16; B 32x32 in 4x4 patches
 # (64 tokens), batch 128; both dim 256, depth 6, 8 heads.
 MODELS = {
     "A": dict(model_class=DiT, config=dict(img_size=64, patch_size=2), batch=16),
