@@ -167,7 +167,7 @@ def sample(
 # trained default-size model B (README "Performance"), 85.6% vs 79.3% (MNIST-FID 26.9 vs 29.4)
 # on model B after 3 of the 9 epochs of configs/cfg_cpu.args. Its fresh noise at each step
 # corrects part of a weak model's error, which a deterministic solver carries to the end. After
-# all 9 epochs both read 100% and 99.9%, and DPM-Solver++ has the better MNIST-FID (4.8 vs 6.5),
+# all 9 epochs they read 100.0% and 99.9%, and DPM-Solver++ has the better MNIST-FID (4.8 vs 6.5),
 # which is why it stays DEFAULT_SAMPLER below.
 PREVIEW_SAMPLER = "ddpm"
 PREVIEW_STEPS = 10
