@@ -9,7 +9,7 @@ from dit import ModelConfigError
 from images import OutputError, check_output
 from options import (DeviceError, UsageError, add_device_arg, add_precision_arg, autocast_dtype,
                      nonnegative_float, positive_int, resolve_device)
-from sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, default_steps
+from sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, VARIANCES, default_steps
 from scheduler import ScheduleError
 
 # the default weights of infer.py and infer_cfg.py, trained by the CPU recipes (pretrained/README.md)
@@ -27,6 +27,22 @@ def add_sampler_args(parser):
                              f"{DEFAULT_STEPS['ddim']} for ddim, {DEFAULT_STEPS['dpm++2m']} for dpm++2m")
 
 
+def add_variance_arg(parser):
+    """--variance of the ddpm sampler (infer.py, infer_cfg.py, evaluate.py)."""
+    parser.add_argument("--variance", choices=VARIANCES, default=None,
+                        help="ddpm only: the noise of each step, beta' (beta) or the respaced chain's "
+                             "posterior variance (posterior); none given: beta for all T steps, "
+                             "posterior for fewer")
+
+
+def check_sampler_options(args):
+    """--eta and --variance belong to one sampler each."""
+    if getattr(args, "eta", 0) and args.sampler != "ddim":
+        raise UsageError("--eta is a DDIM option (use --sampler ddim)")
+    if args.variance is not None and args.sampler != "ddpm":
+        raise UsageError("--variance is a DDPM option (use --sampler ddpm)")
+
+
 def add_sampling_args(parser, default_ckpt):
     """The options of infer.py and infer_cfg.py."""
     parser.add_argument("--ckpt", default=default_ckpt,
@@ -42,6 +58,7 @@ def add_sampling_args(parser, default_ckpt):
     add_sampler_args(parser)
     parser.add_argument("--eta", type=nonnegative_float, default=0.0,
                         help="DDIM noise: 0 deterministic, 1 ancestral (ddim only)")
+    add_variance_arg(parser)
     parser.add_argument("--seed", type=int, default=0, help="the same seed draws the same images")
     parser.add_argument("--batch_size", type=positive_int, default=256,
                         help="samples denoised at once (memory bound)")
@@ -72,9 +89,8 @@ def resolve_steps(steps, sampler, scheduler):
 def sampling_kwargs(args, scheduler, device):
     """Checked keyword arguments for sampling.generate_images from add_sampling_args' options."""
     steps = resolve_steps(args.steps, args.sampler, scheduler)
-    if args.eta and args.sampler != "ddim":
-        raise UsageError("--eta is a DDIM option (use --sampler ddim)")
-    return dict(sampler=args.sampler, steps=steps, eta=args.eta, seed=args.seed,
+    check_sampler_options(args)
+    return dict(sampler=args.sampler, steps=steps, eta=args.eta, variance=args.variance, seed=args.seed,
                 batch_size=args.batch_size, amp_dtype=autocast_dtype(args.precision, device),
                 progress=True)
 

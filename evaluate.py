@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 import sampling
 from checkpoint import load_model, one_line_reason, save_checkpoint
-from cli import PRETRAINED, add_sampler_args, resolve_steps, run_main
+from cli import PRETRAINED, add_sampler_args, add_variance_arg, check_sampler_options, resolve_steps, run_main
 from data import MNIST_CLASSES, load_mnist, resize_images, to_model_range
 from images import check_output_file
 from options import (AMP_DTYPES, ArgumentParser, UsageError, add_device_arg, add_precision_arg, guidance_list,
@@ -313,6 +313,7 @@ def build_parser():
     guidance.add_argument("--guidance_sweep", type=guidance_list, default=None, metavar="S1,S2,...",
                           help="evaluate several guidance scales, one row each, e.g. 0,1,2,3,5")
     add_sampler_args(parser)
+    add_variance_arg(parser)
     parser.add_argument("--seed", type=int, default=0,
                         help="seeds the samples and the choice of the floor's real images")
     parser.add_argument("--batch_size", type=positive_int, default=256,
@@ -352,6 +353,7 @@ def evaluate(args):
                              "guidance needs model B")
         labels, scales = None, [None]
     steps = resolve_steps(args.steps, args.sampler, scheduler)  # the report states what ran
+    check_sampler_options(args)
     precision = resolve_precision(args.precision, device)
 
     classifier, classifier_acc = load_or_train_classifier(args.classifier, args.data_dir, device)
@@ -379,6 +381,7 @@ def evaluate(args):
         t0 = time.perf_counter()
         samples = sampling.generate_images(model, scheduler, args.num_samples, labels=labels,
                                            guidance_scale=scale, sampler=args.sampler, steps=steps,
+                                           variance=args.variance,
                                            seed=args.seed, device=device, amp_dtype=AMP_DTYPES[precision],
                                            batch_size=args.batch_size, progress=True)
         seconds = time.perf_counter() - t0
@@ -390,7 +393,7 @@ def evaluate(args):
     return {
         "checkpoint": args.ckpt, "kind": ckpt["kind"], "num_classes": model.num_classes,
         "use_ema": not args.no_ema,
-        "num_samples": args.num_samples, "sampler": args.sampler, "steps": steps,
+        "num_samples": args.num_samples, "sampler": args.sampler, "steps": steps, "variance": args.variance,
         "seed": args.seed, "device": str(device),
         "precision": precision,
         "classifier": {"path": args.classifier, "test_acc": classifier_acc},
@@ -408,7 +411,8 @@ def print_report(report):
     acc = r["classifier"]["test_acc"]
     weights = "EMA" if r["use_ema"] else "raw"
     print(f"\ncheckpoint  {r['checkpoint']} ({r['kind']}, {weights} weights)")
-    print(f"sampling    {r['sampler']}, {r['steps']} steps, seed {r['seed']}, "
+    variance = "" if r["variance"] is None else f" ({r['variance']} variance)"
+    print(f"sampling    {r['sampler']}{variance}, {r['steps']} steps, seed {r['seed']}, "
           f"{r['num_samples']} samples{per_digit}, {r['precision']} on {r['device']}")
     print(f"classifier  {r['classifier']['path']} (test accuracy "
           f"{'unknown' if acc is None else f'{100 * acc:.2f}%'})\n")

@@ -91,6 +91,17 @@ def test_infer_is_reproducible_with_a_seed(run_a, tmp_path):
     assert (tmp_path / "a.png").read_bytes() != (tmp_path / "c.png").read_bytes()
 
 
+def test_infer_variance_reaches_the_ddpm_sampler(run_a, tmp_path):
+    """--variance beta and posterior give different pictures from the same seed, and leaving it
+    out on a respaced chain is the posterior variance (sampling.FEW_STEP_VARIANCE)."""
+    ckpt = str(run_a / "ckpt_final.pt")
+    for variance in ("beta", "posterior", None):
+        infer.main(["--ckpt", ckpt, "--output", str(tmp_path / f"{variance}.png"), "--sampler", "ddpm",
+                    "--steps", "3", "--num_samples", "4", *(["--variance", variance] if variance else [])])
+    pictures = {v: (tmp_path / f"{v}.png").read_bytes() for v in ("beta", "posterior", None)}
+    assert pictures["beta"] != pictures["posterior"] and pictures[None] == pictures["posterior"]
+
+
 def test_resume_continues_from_the_saved_step(run_a, tiny_mnist, tmp_path):
     run_script("train.py", "--data_dir", tiny_mnist, "--save_dir", str(tmp_path),
                "--resume", str(run_a / "ckpt_final.pt"), "--max_steps", "6", *TINY_RUN)
@@ -171,6 +182,7 @@ def test_corrupt_or_wrong_checkpoint_gives_one_line_error(run_a, run_b, tmp_path
     (["--steps", "5000"], "more than the 1000 timesteps"),
     (["--sampler", "euler"], "invalid choice"),
     (["--eta", "0.5", "--sampler", "dpm++2m"], "DDIM option"),
+    (["--variance", "beta", "--sampler", "ddim"], "DDPM option"),
     (["--output", "/nonexistent/dir/x.png"], "does not exist"),
     (["--output", "x.unknownext"], "image format"),
 ])
