@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 # On the CPU under bf16, the backward pass of the fused scaled_dot_product_attention is
 # several times slower than a plain softmax(QK^T / sqrt(d)) V at short sequences, while
-# the fused kernel wins at long ones (see README "Performance"). Up to this many
+# the fused kernel wins at long ones (docs/performance.md). Up to this many
 # query*key pairs per head the plain path is used on the CPU in bf16.
 CPU_BF16_MATH_ATTENTION_MAX_PAIRS = 256 * 256
 

@@ -13,14 +13,14 @@ from tqdm import tqdm
 SAMPLERS = ("ddpm", "ddim", "dpm++2m")
 # Steps used when `steps` is None. None for "ddpm" means all T training steps.
 # DPM-Solver++(2M) with 10 steps did as well as with 20 on four CPU-recipe checkpoints
-# (1000 samples each; README "Performance"), in half the time.
+# (1000 samples each; docs/results.md), in half the time.
 DEFAULT_STEPS = {"ddpm": None, "ddim": 50, "dpm++2m": 10}
 VARIANCES = ("beta", "posterior")
 # The "ddpm" sampler's variance on fewer than T steps. "beta" adds noise beta' = 1 - ab_t / ab_t'
 # per jump, far more than the posterior's beta' (1 - ab_t') / (1 - ab_t) on long jumps: on 10
 # linear steps the state at t = 0 has 35 times the noise std of q(x_t | x0) there (the closed
-# form of tests/test_sampling.py), which the last step cannot remove. Measured on model B after 3 of the 9 epochs of configs/cfg_cpu.args (1000 digits,
-# guidance 5, seed 0, bf16): 10 steps with "posterior" 85.6% per-digit accuracy, MNIST-FID 26.9;
+# form of tests/test_sampling.py), which the last step cannot remove. Measured on model B
+# after 3 of the 9 epochs of configs/cfg_cpu.args (1000 digits, guidance 5, seed 0, bf16): 10 steps with "posterior" 85.6% per-digit accuracy, MNIST-FID 26.9;
 # with "beta" 10.3%, FID 154 (997 of 1000 digits read as an 8: noise). After all 9 epochs:
 # 100.0%, FID 6.5 against 37.1%, FID 88.
 FEW_STEP_VARIANCE = "posterior"
@@ -164,7 +164,7 @@ def sample(
 # Training previews show a model early in training, when the ODE samplers read worst. At the
 # same cost (10 model calls; 1000 digits, guidance 5, seed 0), respaced ancestral DDPM with the
 # posterior variance against DPM-Solver++(2M): 79.3% vs 69.8% per-digit accuracy on a weakly
-# trained default-size model B (README "Performance"), 85.6% vs 79.3% (MNIST-FID 26.9 vs 29.4)
+# trained default-size model B (docs/results.md), 85.6% vs 79.3% (MNIST-FID 26.9 vs 29.4)
 # on model B after 3 of the 9 epochs of configs/cfg_cpu.args. Its fresh noise at each step
 # corrects part of a weak model's error, which a deterministic solver carries to the end. After
 # all 9 epochs they read 100.0% and 99.9%, and DPM-Solver++ has the better MNIST-FID (4.8 vs 6.5),
@@ -175,7 +175,7 @@ PREVIEW_STEPS = 10
 # DPM-Solver++(2M) with 20 steps matched DDIM with 50 on a CPU-recipe checkpoint (28x28)
 # (500 digits at s=4: 73.0% vs 73.8% accuracy, MNIST-FID 33.1 vs 32.9) in 67 s instead of 172 s.
 DEFAULT_SAMPLER = "dpm++2m"
-# Chosen by `evaluate.py --guidance_sweep` on the same checkpoint (README "Results"):
+# Chosen by `evaluate.py --guidance_sweep` on the same checkpoint (docs/results.md):
 # per-digit accuracy rose from 30% at s=1 to 79% at s=6 while MNIST-FID flattened from s=4 on
 # (33.2, 32.5, 32.4 at s=4, 5, 6). Well-trained models usually peak lower: sweep your own.
 DEFAULT_GUIDANCE_SCALE = 5.0
