@@ -45,3 +45,17 @@ def test_checkpoints_that_name_the_kind_by_its_module_load_as_that_model(tmp_pat
                                     "scheduler_config": {"timesteps": 1000}, "ema": model.state_dict()}, path)
         loaded, _, ckpt = checkpoint.load_model(path, expected_kind=model_class.kind)
         assert type(loaded) is model_class and ckpt["kind"] == model_class.kind
+
+
+def test_sampling_loads_the_ema_weights_and_no_ema_the_raw_ones(tmp_path):
+    """A checkpoint with distinct raw and EMA weights (the EMA all ones, the raw all twos):
+    load_model gives the EMA by default and the raw weights with use_ema=False (--no_ema)."""
+    model = DiT(img_size=8, patch_size=4, dim=16, depth=1, heads=2)
+    ema = {name: torch.ones_like(tensor) for name, tensor in model.state_dict().items()}
+    raw = {name: torch.full_like(tensor, 2.0) for name, tensor in model.state_dict().items()}
+    path = str(tmp_path / "ckpt.pt")
+    checkpoint.save_checkpoint({"kind": DiT.kind, "model_config": dict(model.config),
+                                "scheduler_config": {"timesteps": 1000}, "ema": ema, "model": raw}, path)
+    for use_ema, value in ((True, 1.0), (False, 2.0)):
+        loaded, _, _ = checkpoint.load_model(path, use_ema=use_ema)
+        assert all((tensor == value).all() for tensor in loaded.state_dict().values()), use_ema
