@@ -27,7 +27,7 @@ def main(argv=None):
                              **sampling_kwargs(args, scheduler, device))
     save_samples(images, args.output, sample_names(args.num_samples),
                  nrow=math.ceil(math.sqrt(args.num_samples)), scale=args.scale)
-    print(f"wrote {args.num_samples} sample(s) to {args.output}")
+    print(f"wrote {args.num_samples} sample(s) to {args.output} (weights: {args.ckpt})")
 
 
 if __name__ == "__main__":

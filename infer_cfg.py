@@ -56,7 +56,7 @@ def main(argv=None):
     names = [name for digit in digits for name in sample_names(args.num_samples, prefix=f"{digit}_")]
     nrow = args.num_samples if args.label == "all" else math.ceil(math.sqrt(args.num_samples))
     save_samples(images, args.output, names, nrow=nrow, scale=args.scale)
-    print(f"wrote {len(labels)} sample(s) to {args.output}")
+    print(f"wrote {len(labels)} sample(s) to {args.output} (weights: {args.ckpt})")
 
 
 if __name__ == "__main__":
