@@ -73,8 +73,9 @@ def sample(
     """Generate samples of `shape` (B, C, H, W) by reverse diffusion from x_T ~ N(0, I).
 
     Args:
-        model_fn: (x_t, t) -> predicted noise, x_t (B, C, H, W) float32 and t (B,) int64,
-            both on `device`. Its output is cast to float32 (it may run under autocast).
+        model_fn: (x_t, t) -> the model's output, x_t (B, C, H, W) float32 and t (B,) int64,
+            both on `device`: the noise, or v for a scheduler with prediction "v". Its output is
+            cast to float32 (it may run under autocast).
         scheduler: the NoiseScheduler the model was trained with (tensors on `device`).
         sampler: one of SAMPLERS.
             "ddpm": ancestral sampling (Ho et al. 2020) of the chain respaced to
@@ -130,7 +131,7 @@ def sample(
     # leave=None: the bar stays on screen unless it is nested under generate_images' bar
     for k, t, t_prev in tqdm(jumps, total=len(timesteps), desc=sampler, disable=not progress, leave=None):
         t_batch = torch.full((batch_size,), t, dtype=torch.long, device=device)  # (B,)
-        eps = model_fn(x, t_batch).float()  # (B, C, H, W)
+        eps = scheduler.noise_from_prediction(x, t_batch, model_fn(x, t_batch).float())  # (B, C, H, W)
 
         if sampler == "dpm++2m" or t in capture:
             x0_hat = scheduler.predict_x0(x, t, eps)

@@ -20,6 +20,9 @@ import numbers
 import torch
 
 SCHEDULES = ("linear", "cosine")
+# What the network outputs: the noise eps (Ho et al.) or the velocity
+# v = sqrt(ab_t) eps - sqrt(1 - ab_t) x0 (Salimans & Ho 2022, "Progressive Distillation", sec. 4).
+PREDICTIONS = ("eps", "v")
 # The linear schedule's beta_start and beta_end are given for this many steps (Ho et al.:
 # 1e-4 and 0.02 at T = 1000) and scaled by LINEAR_REFERENCE_TIMESTEPS / T for another T.
 LINEAR_REFERENCE_TIMESTEPS = 1000
@@ -98,6 +101,8 @@ def _schedule_tables(betas, alphas_cumprod):
         # lambda_t = log(alpha_t / sigma_t) = 1/2 log(ab_t / (1 - ab_t)), the half
         # log-SNR that DPM-Solver steps in (Lu et al. 2022)
         "lambdas": 0.5 * (alphas_cumprod.log() - torch.log1p(-alphas_cumprod)),
+        # signal-to-noise ratio of q(x_t | x0): SNR_t = ab_t / (1 - ab_t)
+        "snr": alphas_cumprod / (1 - alphas_cumprod),
     }
 
 
@@ -112,6 +117,8 @@ class NoiseScheduler:
             which is fully determined by T.
         schedule: "linear" (betas evenly spaced from beta_start to beta_end) or
             "cosine" (Nichol & Dhariwal 2021).
+        prediction: what the model outputs, "eps" or "v" (PREDICTIONS). Training regresses
+            `training_target`; samplers turn the output into noise with `noise_from_prediction`.
         device: where the per-step tensors live.
 
     Timesteps are 0-based: t = 0 is the first noising step and t = T-1 the
@@ -123,12 +130,15 @@ class NoiseScheduler:
     _TENSORS = (
         "betas", "alphas", "alphas_cumprod", "alphas_cumprod_prev",
         "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "sqrt_recip_alphas",
-        "posterior_variance", "posterior_mean_coef1", "posterior_mean_coef2", "lambdas",
+        "posterior_variance", "posterior_mean_coef1", "posterior_mean_coef2", "lambdas", "snr",
     )
 
-    def __init__(self, timesteps=1000, beta_start=1e-4, beta_end=0.02, schedule="linear", device="cpu"):
+    def __init__(self, timesteps=1000, beta_start=1e-4, beta_end=0.02, schedule="linear", prediction="eps",
+                 device="cpu"):
         if schedule not in SCHEDULES:
             raise ScheduleError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
+        if prediction not in PREDICTIONS:
+            raise ScheduleError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
         if not isinstance(timesteps, numbers.Integral) or timesteps < 1:
             raise ScheduleError(f"timesteps must be an integer >= 1, got {timesteps!r}")
         if schedule == "linear":
@@ -136,9 +146,9 @@ class NoiseScheduler:
         else:
             betas = _cosine_betas(int(timesteps))  # in (0, 0.999] for every T
         alphas_cumprod = torch.cumprod(1 - betas, dim=0)  # ab_t = prod_{s<=t} alpha_s
-        self.beta_start, self.beta_end, self.schedule = beta_start, beta_end, schedule
+        self.beta_start, self.beta_end, self.schedule, self.prediction = beta_start, beta_end, schedule, prediction
         self._config = {"timesteps": int(timesteps), "beta_start": beta_start, "beta_end": beta_end,
-                        "schedule": schedule}
+                        "schedule": schedule, "prediction": prediction}
         self._set_tables(betas, alphas_cumprod, torch.arange(int(timesteps)), device)
 
     def _set_tables(self, betas, alphas_cumprod, timesteps, device):
@@ -253,7 +263,40 @@ class NoiseScheduler:
         x_t = a * x0.to(a.dtype) + s * noise.to(a.dtype)
         return x_t.to(x0.dtype), noise
 
+    def training_target(self, x0, noise, t):
+        """What the model learns to output for x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) noise:
+        "eps": the noise itself; "v": v = sqrt(ab_t) noise - sqrt(1 - ab_t) x0."""
+        if self.prediction == "eps":
+            return noise
+        a = self._coef(self.sqrt_alphas_cumprod, t, x0)
+        s = self._coef(self.sqrt_one_minus_alphas_cumprod, t, x0)
+        return (a * noise.to(a.dtype) - s * x0.to(a.dtype)).to(x0.dtype)
+
+    def min_snr_weights(self, t, gamma):
+        """(B,) float32 min-SNR-gamma loss weights (Hang et al. 2023, "Efficient Diffusion Training
+        via Min-SNR Weighting Strategy", eq. 7 and sec. 3.4).
+
+        Each step's loss, written as an error on x0, is weighted by min(SNR_t, gamma): the
+        low-noise steps, which are easy and whose gradients conflict with the others', stop
+        dominating. The model's own loss already carries a factor of the x0 error
+        (||eps - eps_hat||^2 = SNR_t ||x0 - x0_hat||^2, ||v - v_hat||^2 = (SNR_t + 1) ||x0 - x0_hat||^2),
+        so its weight is min(SNR_t, gamma) / SNR_t for "eps" and min(SNR_t, gamma) / (SNR_t + 1) for "v".
+        """
+        snr = self.snr[t.to(self.snr.device)]
+        denominator = snr if self.prediction == "eps" else snr + 1
+        return (snr.clamp(max=gamma) / denominator).to(t.device)
+
     # ----------------------------------------------------------------- sampling
+
+    def noise_from_prediction(self, x_t, t, output):
+        """The noise a model output implies: "eps": the output itself;
+        "v": eps = sqrt(1 - ab_t) x_t + sqrt(ab_t) v  (x_t = a x0 + s eps, v = a eps - s x0, a^2 + s^2 = 1).
+        Affine in the output, so classifier-free guidance may mix v predictions as it mixes eps."""
+        if self.prediction == "eps":
+            return output
+        a = self._coef(self.sqrt_alphas_cumprod, t, x_t)
+        s = self._coef(self.sqrt_one_minus_alphas_cumprod, t, x_t)
+        return (s * x_t.to(a.dtype) + a * output.to(a.dtype)).to(output.dtype)
 
     def predict_x0(self, x_t, t, pred_noise):
         """Invert the forward process: x0_hat = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t)."""

@@ -29,9 +29,9 @@ from data import DataError, load_training_set, make_loader, to_model_range
 from ema import EMA
 from images import OutputError, check_output_dir, save_grid
 from options import (AMP_DTYPES, UsageError, add_device_arg, add_precision_arg, nonnegative_float,
-                     nonnegative_int, positive_int, probability, resolve_device, resolve_precision)
+                     nonnegative_int, positive_float, positive_int, probability, resolve_device, resolve_precision)
 from sampling import PREVIEW_SAMPLER, PREVIEW_STEPS, generate_images
-from scheduler import NoiseScheduler
+from scheduler import PREDICTIONS, NoiseScheduler
 
 LOG_EVERY = 10  # optimizer steps between rows of metrics.csv (and progress-bar updates)
 
@@ -63,6 +63,12 @@ def add_training_args(parser, *, img_size, patch_size, save_dir, epochs, batch_s
     group.add_argument("--schedule", choices=("linear", "cosine"), default="linear",
                        help="noise schedule (linear: Ho et al., its betas scaled by 1000/T; "
                             "cosine: Nichol & Dhariwal)")
+    group.add_argument("--prediction", choices=PREDICTIONS, default="eps",
+                       help="what the model outputs: the noise (eps) or the velocity v = sqrt(ab_t) eps - "
+                            "sqrt(1-ab_t) x0 (Salimans & Ho)")
+    group.add_argument("--min_snr_gamma", type=positive_float, default=None,
+                       help="weight each timestep's loss by min-SNR-gamma (Hang et al.; 5 in the paper); "
+                            "none given: every timestep weighs the same")
 
     group = parser.add_argument_group("optimisation")
     group.add_argument("--epochs", type=positive_int, default=epochs, help="passes over the data")
@@ -103,6 +109,11 @@ def model_options(args):
                 dim=args.dim, depth=args.depth, heads=args.heads, mlp_ratio=args.mlp_ratio)
 
 
+def scheduler_options(args):
+    """The NoiseScheduler's keyword arguments that the "diffusion" options set."""
+    return dict(timesteps=args.timesteps, schedule=args.schedule, prediction=args.prediction)
+
+
 @dataclass
 class Run:
     """Everything a training run starts from, resolved once from the command line."""
@@ -123,20 +134,21 @@ def resolve_run(parser, argv, model_class, model_config):
     the checkpoint's. `model_config(args)` turns the options into the model's kwargs."""
     args = parser.parse_args(argv)
     if args.resume is None:
-        return Run(args, model_class, model_config(args),
-                   dict(timesteps=args.timesteps, schedule=args.schedule), parser)
+        return Run(args, model_class, model_config(args), scheduler_options(args), parser)
     resume = load_checkpoint(args.resume, expected_kind=model_class.kind, to_resume=True)
     saved = {key: value for key, value in resume["args"].items() if key in vars(args) and key != "resume"}
     # argparse fills in a default only where the namespace has no value yet
     args = parser.parse_args(argv, namespace=argparse.Namespace(**saved))
-    given = dict(model_config(args), timesteps=args.timesteps, schedule=args.schedule)
-    saved_config = dict(resume["model_config"], **resume["scheduler_config"])
+    given = dict(model_config(args), **scheduler_options(args))
+    # NoiseScheduler(...).config: a checkpoint written before an option existed gets its default
+    saved_config = dict(resume["model_config"], **NoiseScheduler(**resume["scheduler_config"]).config)
     changed = [f"--{key} {given[key]} (the checkpoint's is {value})"
                for key, value in saved_config.items() if key in given and given[key] != value]
     if changed:
         raise UsageError(f"{args.resume} holds a model and schedule of its own, but {', '.join(changed)}: "
                          "leave these options out to resume, or start a new run")
-    return Run(args, model_class, resume["model_config"], resume["scheduler_config"], parser, resume)
+    return Run(args, model_class, resume["model_config"], NoiseScheduler(**resume["scheduler_config"]).config,
+               parser, resume)
 
 
 def write_options_file(args, parser, path):
@@ -158,11 +170,14 @@ def write_options_file(args, parser, path):
 
 
 def training_step(model, scheduler, optimizer, x0, labels=None, *, amp_dtype=None, grad_scaler=None,
-                  grad_clip=0.0, t=None, noise=None):
+                  grad_clip=0.0, min_snr_gamma=None, t=None, noise=None):
     """One optimizer step on the DDPM loss, returns the (detached) loss.
 
         t ~ U{0, ..., T-1},  eps ~ N(0, I),  x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps
-        loss = || eps - eps_theta(x_t, t [, y]) ||^2     (mean over pixels and batch)
+        loss = mean_b w_b || target_b - model(x_t, t [, y])_b ||^2 / (C H W)
+
+    target: eps, or v = sqrt(ab_t) eps - sqrt(1 - ab_t) x0 for a scheduler with prediction
+    "v"; w = 1, or the min-SNR weights of `min_snr_gamma` (scheduler.min_snr_weights).
 
     `labels` is None for model A; for model B the model itself replaces a share of them
     by the null label (train mode). `amp_dtype` is the autocast dtype of the forward pass
@@ -174,9 +189,14 @@ def training_step(model, scheduler, optimizer, x0, labels=None, *, amp_dtype=Non
     if t is None:
         t = scheduler.sample_timesteps(x0.shape[0], device=x0.device)
     x_t, noise = scheduler.noise_image(x0, t, noise)
+    target = scheduler.training_target(x0, noise, t)
     with torch.autocast(x0.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        pred_noise = model(x_t, t) if labels is None else model(x_t, t, labels)
-    loss = F.mse_loss(pred_noise.float(), noise)
+        output = model(x_t, t) if labels is None else model(x_t, t, labels)
+    if min_snr_gamma is None:
+        loss = F.mse_loss(output.float(), target)
+    else:
+        per_image = (output.float() - target).pow(2).flatten(1).mean(dim=1)  # (B,)
+        loss = (scheduler.min_snr_weights(t, min_snr_gamma) * per_image).mean()
     optimizer.zero_grad(set_to_none=True)
     if grad_scaler is None:
         loss.backward()
@@ -523,7 +543,8 @@ def train(run, ranks=Ranks(), device=None):
                 x0 = to_model_range(images_u8, device)
                 y = batch_labels.to(device, non_blocking=True) if model.num_classes else None
                 loss = training_step(train_model, scheduler, optimizer, x0, y, amp_dtype=amp_dtype,
-                                     grad_scaler=grad_scaler, grad_clip=args.grad_clip)
+                                     grad_scaler=grad_scaler, grad_clip=args.grad_clip,
+                                     min_snr_gamma=args.min_snr_gamma)
                 ema.update(model)
                 step, batch_in_epoch = step + 1, batch_in_epoch + 1
                 row_loss, row_steps = row_loss + loss, row_steps + 1

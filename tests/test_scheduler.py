@@ -149,7 +149,8 @@ def test_default_schedules_end_near_pure_noise(schedule):
 def test_config_roundtrip_and_to():
     s = NoiseScheduler(timesteps=64, beta_start=2e-4, beta_end=0.03, schedule="linear")
     config = s.config
-    assert config == {"timesteps": 64, "beta_start": 2e-4, "beta_end": 0.03, "schedule": "linear"}
+    assert config == {"timesteps": 64, "beta_start": 2e-4, "beta_end": 0.03, "schedule": "linear",
+                      "prediction": "eps"}
     rebuilt = NoiseScheduler(**config, device="cpu")
     assert torch.equal(rebuilt.betas, s.betas) and torch.equal(rebuilt.posterior_variance, s.posterior_variance)
     assert NoiseScheduler(**NoiseScheduler(schedule="cosine").config).schedule == "cosine"
@@ -164,6 +165,7 @@ def test_config_roundtrip_and_to():
         ({"beta_start": 0.0}, r"\(0, 1\)"),
         ({"beta_end": 1.5}, r"\(0, 1\)"),
         ({"beta_start": -1e-3}, r"\(0, 1\)"),
+        ({"prediction": "x0"}, "unknown prediction"),
     ],
 )
 def test_invalid_schedule_arguments(kwargs, match):
@@ -490,3 +492,39 @@ def test_cuda_device_handling_without_syncs():
         gpu.dpm_solver_step(x_t, 500, 400, x0, x0, 600)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+# ------------------------------------------------ prediction targets and loss weights
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_v_target_and_the_noise_it_implies_closed_form(schedule):
+    """v = sqrt(ab) eps - sqrt(1 - ab) x0 (Salimans & Ho 2022), and from a v prediction the
+    noise eps = sqrt(1 - ab) x_t + sqrt(ab) v, against float64 tables from the papers."""
+    ab = torch.from_numpy(ref_alphas_cumprod(schedule, T)[1])
+    t = torch.tensor([0, 1, 250, 500, 998, 999])
+    a, s = ab[t].sqrt().view(-1, 1, 1, 1), (1 - ab[t]).sqrt().view(-1, 1, 1, 1)
+    x0, noise = randn(6, 1, 4, 4, seed=1), randn(6, 1, 4, 4, seed=2)
+    x_t = a * x0.double() + s * noise.double()
+    v_ref = a * noise.double() - s * x0.double()
+
+    v_sched = NoiseScheduler(schedule=schedule, prediction="v")
+    torch.testing.assert_close(v_sched.training_target(x0, noise, t).double(), v_ref, rtol=0, atol=1e-6)
+    eps = v_sched.noise_from_prediction(x_t.float(), t, v_ref.float())
+    torch.testing.assert_close(eps.double(), noise.double(), rtol=0, atol=2e-6)
+
+    eps_sched = NoiseScheduler(schedule=schedule)  # "eps": the target is the noise, the output is the noise
+    assert torch.equal(eps_sched.training_target(x0, noise, t), noise)
+    assert torch.equal(eps_sched.noise_from_prediction(x_t.float(), t, v_ref.float()), v_ref.float())
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_min_snr_weights_closed_form(schedule, prediction):
+    """Hang et al. 2023: min(SNR, gamma) / SNR for an eps model, min(SNR, gamma) / (SNR + 1) for v."""
+    ab = ref_alphas_cumprod(schedule, T)[1]
+    snr = ab / (1 - ab)
+    expected = np.minimum(snr, 5.0) / (snr if prediction == "eps" else snr + 1)
+    weights = NoiseScheduler(schedule=schedule, prediction=prediction).min_snr_weights(torch.arange(T), 5.0)
+    assert weights.shape == (T,) and weights.dtype == torch.float32
+    np.testing.assert_allclose(np_(weights), expected, rtol=2e-5, atol=0)

@@ -70,6 +70,35 @@ def test_train_writes_a_plain_checkpoint_and_preview(run_a):
     assert Image.open(run_a / "preview_final.png").size[0] > 16
 
 
+def test_prediction_and_loss_weighting_live_in_the_checkpoint(tiny_mnist, tmp_path, monkeypatch, capsys):
+    """--prediction v and --min_snr_gamma reach the training loss, are stored, and the
+    checkpoint's schedule tells sampling how to read the output; a resume keeps the target;
+    a checkpoint written before --prediction existed loads as an eps model."""
+    from checkpoint import build_model
+
+    recipe = ["--data_dir", tiny_mnist, *TINY_RUN, "--precision", "fp32", "--max_steps", "3"]
+    run_script("train.py", *recipe, "--save_dir", str(tmp_path / "eps"))
+    run_script("train.py", *recipe, "--save_dir", str(tmp_path / "v"), "--prediction", "v", "--min_snr_gamma", "5")
+    ckpt = load_checkpoint(str(tmp_path / "v" / "ckpt_final.pt"))
+    assert ckpt["scheduler_config"]["prediction"] == "v" and ckpt["args"]["min_snr_gamma"] == 5.0
+    assert build_model(ckpt)[1].prediction == "v"
+    eps_ckpt = load_checkpoint(str(tmp_path / "eps" / "ckpt_final.pt"))
+    assert eps_ckpt["args"]["min_snr_gamma"] is None
+    # the same start, data and noise: only the target and the weights differ, so do the weights after
+    assert not torch.equal(ckpt["model"]["final_layer.linear.bias"], eps_ckpt["model"]["final_layer.linear.bias"])
+
+    message = error_of(train.main, ["--resume", str(tmp_path / "v" / "ckpt_final.pt"), "--prediction", "eps"],
+                       monkeypatch, capsys)
+    assert "--prediction eps (the checkpoint's is v)" in message
+
+    del eps_ckpt["scheduler_config"]["prediction"]
+    torch.save(eps_ckpt, tmp_path / "old.pt")
+    assert build_model(load_checkpoint(str(tmp_path / "old.pt")))[1].prediction == "eps"
+    run_script("infer.py", "--ckpt", str(tmp_path / "v" / "ckpt_final.pt"), "--steps", "2",
+               "--output", str(tmp_path / "v.png"))
+    assert Image.open(tmp_path / "v.png").size[0] >= 16
+
+
 def test_infer_single_image_grid_and_directory(run_a, tmp_path):
     ckpt = str(run_a / "ckpt_final.pt")
     infer.main(["--ckpt", ckpt, "--output", str(tmp_path / "one.jpg"), "--steps", "3"])

@@ -145,3 +145,46 @@ def test_default_precision_on_cpu_follows_its_bf16_hardware(cpuinfo, expected, m
     monkeypatch.setattr(builtins, "open", lambda path, *a, **k: real_open(
         tmp_path / "cpuinfo" if path == "/proc/cpuinfo" else path, *a, **k))
     assert options.default_precision(torch.device("cpu")) == expected
+
+
+class FixedOutput(torch.nn.Module):
+    """A 'model' whose output is one learnable tensor, whatever its input."""
+
+    def __init__(self, out):
+        super().__init__()
+        self.out = torch.nn.Parameter(out.clone())
+
+    def forward(self, x, t):
+        return self.out
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("gamma", [None, 5.0])
+def test_training_loss_is_the_x0_error_weighted_by_its_closed_form(prediction, gamma):
+    """Written as an error on the clean image, the eps loss weighs each timestep by SNR_t, the
+    v loss by SNR_t + 1 (Salimans & Ho), and min-SNR-gamma by min(SNR_t, gamma) whatever the
+    target (Hang et al. 2023). The x0 the model implies is computed here in float64 from the
+    definitions: x0_hat = (x_t - s eps_hat) / a for eps, a x_t - s v_hat for v."""
+    from scheduler import NoiseScheduler
+    from tests.conftest import ref_alphas_cumprod
+    from training import training_step
+
+    ab = torch.from_numpy(ref_alphas_cumprod("linear")[1])
+    gen = torch.Generator().manual_seed(0)
+    t = torch.tensor([0, 3, 40, 200, 500, 999])
+    x0 = torch.rand(6, 1, 4, 4, generator=gen) * 2 - 1
+    noise, out = torch.randn(6, 1, 4, 4, generator=gen), torch.randn(6, 1, 4, 4, generator=gen)
+    model = FixedOutput(out)
+    loss = training_step(model, NoiseScheduler(prediction=prediction), make_optimizer(model, 1e-3, "cpu"),
+                         x0, min_snr_gamma=gamma, t=t, noise=noise)
+
+    a, s = ab[t].sqrt().view(-1, 1, 1, 1), (1 - ab[t]).sqrt().view(-1, 1, 1, 1)
+    x_t = a * x0.double() + s * noise.double()
+    x0_hat = (x_t - s * out.double()) / a if prediction == "eps" else a * x_t - s * out.double()
+    snr = ab[t] / (1 - ab[t])
+    if gamma is not None:
+        weight = snr.clamp(max=gamma)
+    else:
+        weight = snr if prediction == "eps" else snr + 1
+    expected = (weight * (x0.double() - x0_hat).pow(2).flatten(1).mean(1)).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
