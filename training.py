@@ -486,7 +486,9 @@ def train(run, ranks=Ranks(), device=None):
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
-        train_model = torch.compile(train_model)
+        # static shapes: the last, smaller batch of an epoch gets a graph of its own instead of
+        # turning the batch size into a symbol, which would recompile every step's graph slower
+        train_model = torch.compile(train_model, dynamic=False)
 
     metrics = None
     if ranks.is_main:
