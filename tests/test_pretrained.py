@@ -74,14 +74,15 @@ def test_model_b_draws_the_digits_asked_for(judge):
 def test_model_a_draws_digits(judge):
     """50 unconditional samples in 10 DPM-Solver++ steps look like MNIST: dark images with thin
     bright strokes (mean pixel 0.13 in [0, 1] on real digits, over 80% of pixels near black),
-    read as many different digits, mostly with confidence (the shipped A: 0.75 on average;
-    uniform noise scores 1.0 on a single class, so confidence alone would not do)."""
+    read as many different digits, mostly with confidence (the shipped A: 0.89 on these 50 with
+    bf16 on AMX, 0.86 over 1000; the eps model it replaced: 0.75, which fails here; uniform noise
+    scores 1.0 on a single class, so confidence alone would not do)."""
     model, scheduler, _ = load_model(os.path.join(PRETRAINED, "model_a.pt"), expected_kind="unconditional")
     images = samples_to_classifier_input(generate_images(model, scheduler, 50, steps=10, seed=0))
     probabilities = classify(judge, images)[0].softmax(1)
     assert 0.10 < images.mean() < 0.17 and (images < 0.1).float().mean() > 0.7
     assert len(probabilities.argmax(1).unique()) >= 8
-    assert probabilities.max(1).values.mean() >= 0.6
+    assert probabilities.max(1).values.mean() >= 0.78
 
 
 def test_shipped_weights_sample_but_cannot_be_resumed():
