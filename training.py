@@ -31,7 +31,7 @@ from images import OutputError, check_output_dir, save_grid
 from options import (AMP_DTYPES, UsageError, add_device_arg, add_precision_arg, nonnegative_float,
                      nonnegative_int, positive_float, positive_int, probability, resolve_device, resolve_precision)
 from sampling import PREVIEW_SAMPLER, PREVIEW_STEPS, generate_images
-from scheduler import PREDICTIONS, NoiseScheduler
+from scheduler import PREDICTIONS, SCHEDULES, NoiseScheduler
 
 LOG_EVERY = 10  # optimizer steps between rows of metrics.csv (and progress-bar updates)
 
@@ -60,7 +60,7 @@ def add_training_args(parser, *, img_size, patch_size, save_dir, epochs, batch_s
 
     group = parser.add_argument_group("diffusion")
     group.add_argument("--timesteps", type=positive_int, default=1000, help="diffusion steps T")
-    group.add_argument("--schedule", choices=("linear", "cosine"), default="linear",
+    group.add_argument("--schedule", choices=SCHEDULES, default="linear",
                        help="noise schedule (linear: Ho et al., its betas scaled by 1000/T; "
                             "cosine: Nichol & Dhariwal)")
     group.add_argument("--prediction", choices=PREDICTIONS, default="eps",
@@ -140,15 +140,15 @@ def resolve_run(parser, argv, model_class, model_config):
     # argparse fills in a default only where the namespace has no value yet
     args = parser.parse_args(argv, namespace=argparse.Namespace(**saved))
     given = dict(model_config(args), **scheduler_options(args))
-    # NoiseScheduler(...).config: a checkpoint written before an option existed gets its default
-    saved_config = dict(resume["model_config"], **NoiseScheduler(**resume["scheduler_config"]).config)
+    # rebuilt through NoiseScheduler: a checkpoint written before an option existed gets its default
+    scheduler_config = NoiseScheduler(**resume["scheduler_config"]).config
+    saved_config = dict(resume["model_config"], **scheduler_config)
     changed = [f"--{key} {given[key]} (the checkpoint's is {value})"
                for key, value in saved_config.items() if key in given and given[key] != value]
     if changed:
         raise UsageError(f"{args.resume} holds a model and schedule of its own, but {', '.join(changed)}: "
                          "leave these options out to resume, or start a new run")
-    return Run(args, model_class, resume["model_config"], NoiseScheduler(**resume["scheduler_config"]).config,
-               parser, resume)
+    return Run(args, model_class, resume["model_config"], scheduler_config, parser, resume)
 
 
 def write_options_file(args, parser, path):
