@@ -560,7 +560,7 @@ def test_metrics_csv_and_options_file_survive_a_resume(tiny_mnist, tmp_path):
 
 @pytest.mark.parametrize("main,expected", [
     (train.main, ["--lr LR", "(default: 0.0002)", "--timesteps TIMESTEPS", "(default: 1000)"]),
-    (infer_cfg.main, ["--guidance_scale GUIDANCE_SCALE", "(default: 5.0)", "model_b.pt)"]),
+    (infer_cfg.main, ["--guidance_scale GUIDANCE_SCALE", "(default: 3.0)", "model_b.pt)"]),
     (evaluate.main, ["--num_samples NUM_SAMPLES", "(default: 1000)"]),
 ])
 def test_help_shows_the_defaults(main, expected, capsys):
