@@ -12,8 +12,10 @@ A training checkpoint holds
     world_size        processes that trained it; elapsed_s: training wall time so far
     rng               torch's CPU (and CUDA) random state, to resume the same random stream
     args              the training arguments, as a dict
-A weights file (pretrained/, written by export_weights) holds kind, the two configs, ema
-and args only: enough to sample, not to resume. Both are read with
+    guide             (model A trained with --guide_epoch K, from epoch K on) the EMA weights
+                      at the end of epoch K: the weak model of autoguidance (sampling.py)
+A weights file (pretrained/, written by export_weights) holds kind, the two configs, ema,
+the guide if any, and args: enough to sample, not to resume. Both are read with
 torch.load(weights_only=True), which cannot run code from the file.
 """
 import os
@@ -113,19 +115,31 @@ def load_checkpoint(path, expected_kind=None, map_location="cpu", to_resume=Fals
     return ckpt
 
 
+def network(ckpt, weights="ema"):
+    """The checkpoint's model class (train mode, CPU) holding its `weights`: "ema", "model"
+    (the raw weights) or "guide"."""
+    model = MODEL_CLASSES[ckpt["kind"]](**ckpt["model_config"])
+    try:
+        model.load_state_dict(clean_state_dict(ckpt[weights]))
+    except RuntimeError as err:
+        raise CheckpointError(f"the checkpoint's {weights} weights do not match its model config: "
+                              f"{one_line_reason(err)}") from None
+    return model
+
+
 def build_model(ckpt, use_ema=True, device="cpu"):
     """(model in eval mode, NoiseScheduler) rebuilt from a loaded checkpoint."""
-    model = MODEL_CLASSES[ckpt["kind"]](**ckpt["model_config"])
     if not use_ema and "model" not in ckpt:
         raise CheckpointError("this file holds only the EMA weights (shipped weights): "
                               "sample without --no_ema")
-    try:
-        model.load_state_dict(clean_state_dict(ckpt["ema" if use_ema else "model"]))
-    except RuntimeError as err:
-        raise CheckpointError(f"checkpoint weights do not match its model config: "
-                              f"{one_line_reason(err)}") from None
+    model = network(ckpt, "ema" if use_ema else "model")
     scheduler = NoiseScheduler(**ckpt["scheduler_config"], device=device)
     return model.to(device).eval(), scheduler
+
+
+def build_guide(ckpt, device="cpu"):
+    """Model A's guide network (eval mode) from a loaded checkpoint, or None if it has none."""
+    return network(ckpt, "guide").to(device).eval() if "guide" in ckpt else None
 
 
 def load_model(path, device="cpu", use_ema=True, expected_kind=None):
@@ -141,6 +155,7 @@ def export_weights(ckpt_path, out_path):
     the checkpoint's size: no raw weights, no optimizer moments."""
     ckpt = load_checkpoint(ckpt_path, to_resume=True)
     weights = {key: ckpt[key] for key in ("kind", "model_config", "scheduler_config", "args")}
-    weights["ema"] = {name: tensor.contiguous() for name, tensor in clean_state_dict(ckpt["ema"]).items()}
+    for key in ("ema", "guide") if "guide" in ckpt else ("ema",):
+        weights[key] = {name: tensor.contiguous() for name, tensor in clean_state_dict(ckpt[key]).items()}
     weights["step"] = ckpt["step"]
     save_checkpoint(weights, out_path)

@@ -3,7 +3,7 @@ sample from, and one-line errors. (Option types, devices and precision: options.
 import os
 import sys
 
-from checkpoint import CheckpointError, load_model
+from checkpoint import CheckpointError, build_guide, load_model
 from data import DataError
 from dit import ModelConfigError
 from images import OutputError, check_output
@@ -69,12 +69,22 @@ def add_sampling_args(parser, default_ckpt):
 
 def load_for_sampling(args, expected_kind):
     """Check --output, pick the device and load the checkpoint's EMA (or raw) weights:
-    the common start of infer.py and infer_cfg.py. Returns (model, scheduler, device)."""
+    the common start of infer.py and infer_cfg.py. Returns (model, scheduler, ckpt, device)."""
     check_output(args.output)
     device = resolve_device(args.device)
-    model, scheduler, _ = load_model(args.ckpt, device, use_ema=not args.no_ema,
-                                     expected_kind=expected_kind)
-    return model, scheduler, device
+    model, scheduler, ckpt = load_model(args.ckpt, device, use_ema=not args.no_ema,
+                                        expected_kind=expected_kind)
+    return model, scheduler, ckpt, device
+
+
+def load_guide(ckpt, path, device, guidance_given):
+    """Model A's autoguidance network from its loaded checkpoint, or None when it has none,
+    in which case a guidance scale (guidance_given) is a UsageError."""
+    guide = build_guide(ckpt, device)
+    if guide is None and guidance_given:
+        raise UsageError(f"{path} holds model A without a guide, so there is nothing to guide with: "
+                         "train it with --guide_epoch K for autoguidance")
+    return guide
 
 
 def resolve_steps(steps, sampler, scheduler):

@@ -39,7 +39,8 @@ from tqdm import tqdm
 
 import sampling
 from checkpoint import load_model, one_line_reason, save_checkpoint
-from cli import PRETRAINED, add_sampler_args, add_variance_arg, check_sampler_options, resolve_steps, run_main
+from cli import (PRETRAINED, add_sampler_args, add_variance_arg, check_sampler_options, load_guide, resolve_steps,
+                 run_main)
 from data import MNIST_CLASSES, load_mnist, resize_images, to_model_range
 from images import check_output_file
 from options import (AMP_DTYPES, ArgumentParser, UsageError, add_device_arg, add_precision_arg, guidance_list,
@@ -308,8 +309,10 @@ def build_parser():
                         help="images to generate (model B: a multiple of 10, N/10 per digit)")
     guidance = parser.add_mutually_exclusive_group()
     guidance.add_argument("--guidance_scale", type=nonnegative_float, default=None,
-                          help="classifier-free guidance scale, model B only; none given: "
-                               f"{sampling.DEFAULT_GUIDANCE_SCALE}")
+                          help="classifier-free guidance scale of model B, or the autoguidance scale "
+                               "of model A trained with --guide_epoch; none given: "
+                               f"{sampling.DEFAULT_GUIDANCE_SCALE:g} (B), "
+                               f"{sampling.DEFAULT_AUTOGUIDANCE_SCALE:g} (A with a guide)")
     guidance.add_argument("--guidance_sweep", type=guidance_list, default=None, metavar="S1,S2,...",
                           help="evaluate several guidance scales, one row each, e.g. 0,1,2,3,5")
     add_sampler_args(parser)
@@ -347,11 +350,14 @@ def evaluate(args):
         labels = torch.arange(MNIST_CLASSES).repeat_interleave(args.num_samples // MNIST_CLASSES)  # 0,0,..,1,1,..
         scales = args.guidance_sweep or [sampling.DEFAULT_GUIDANCE_SCALE
                                          if args.guidance_scale is None else args.guidance_scale]
+        guide = None
     else:
-        if args.guidance_scale is not None or args.guidance_sweep is not None:
-            raise UsageError(f"{args.ckpt} holds an unconditional model (model A); "
-                             "guidance needs model B")
+        guide = load_guide(ckpt, args.ckpt, device,
+                           guidance_given=args.guidance_scale is not None or args.guidance_sweep is not None)
         labels, scales = None, [None]
+        if guide is not None:
+            scales = args.guidance_sweep or [sampling.DEFAULT_AUTOGUIDANCE_SCALE
+                                             if args.guidance_scale is None else args.guidance_scale]
     steps = resolve_steps(args.steps, args.sampler, scheduler)  # the report states what ran
     check_sampler_options(args)
     precision = resolve_precision(args.precision, device)
@@ -380,7 +386,7 @@ def evaluate(args):
         # Every scale starts from the same seed (the same noise): rows differ by the scale alone.
         t0 = time.perf_counter()
         samples = sampling.generate_images(model, scheduler, args.num_samples, labels=labels,
-                                           guidance_scale=scale, sampler=args.sampler, steps=steps,
+                                           guidance_scale=scale, guide=guide, sampler=args.sampler, steps=steps,
                                            variance=args.variance,
                                            seed=args.seed, device=device, amp_dtype=AMP_DTYPES[precision],
                                            batch_size=args.batch_size, progress=True)
@@ -393,6 +399,7 @@ def evaluate(args):
     return {
         "checkpoint": args.ckpt, "kind": ckpt["kind"], "num_classes": model.num_classes,
         "use_ema": not args.no_ema,
+        "guide_epoch": ckpt["args"].get("guide_epoch") if guide is not None else None,
         "num_samples": args.num_samples, "sampler": args.sampler, "steps": steps, "variance": args.variance,
         "seed": args.seed, "device": str(device),
         "precision": precision,
@@ -410,6 +417,8 @@ def print_report(report):
     per_digit = f" ({r['num_samples'] // r['num_classes']} per digit)" if r["num_classes"] else ""
     acc = r["classifier"]["test_acc"]
     weights = "EMA" if r["use_ema"] else "raw"
+    if r["guide_epoch"] is not None:
+        weights += f", autoguided by its EMA of epoch {r['guide_epoch']}"
     print(f"\ncheckpoint  {r['checkpoint']} ({r['kind']}, {weights} weights)")
     variance = "" if r["variance"] is None else f" ({r['variance']} variance)"
     print(f"sampling    {r['sampler']}{variance}, {r['steps']} steps, seed {r['seed']}, "

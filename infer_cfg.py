@@ -47,7 +47,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    model, scheduler, device = load_for_sampling(args, expected_kind=ConditionalDiT.kind)
+    model, scheduler, _, device = load_for_sampling(args, expected_kind=ConditionalDiT.kind)
     digits = list(DIGITS) if args.label == "all" else [args.label]
     labels = torch.tensor(digits).repeat_interleave(args.num_samples)  # (len(digits) * N,)
     images = generate_images(model, scheduler, len(labels), labels=labels,

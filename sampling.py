@@ -183,6 +183,9 @@ DEFAULT_SAMPLER = "dpm++2m"
 # 4.83); at 2 accuracy fell to 96-99%. Models stopped early read better at higher scales
 # (after 2 of 3 epochs: 97.1% at 3, 99.4% at 5): sweep your own.
 DEFAULT_GUIDANCE_SCALE = 3.0
+# Autoguidance of model A (autoguided_fn): chosen by `evaluate.py --guidance_sweep` on
+# configs/dit_cpu_avx2.args with the guide of its epoch 2 (docs/results.md).
+DEFAULT_AUTOGUIDANCE_SCALE = 3.0
 
 
 def guided_noise_fn(model, labels, guidance_scale):
@@ -207,13 +210,36 @@ def guided_noise_fn(model, labels, guidance_scale):
     return noise_fn
 
 
+def autoguided_fn(model, guide, guidance_scale):
+    """Autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of
+    itself") for model A as a model_fn(x_t, t):
+
+        out = guide(x_t, t) + s * (model(x_t, t) - guide(x_t, t))
+
+    `guide` is the same network with weaker weights (model A: its EMA from an early epoch,
+    training.py --guide_epoch). Where the two agree the sample follows both; where the trained
+    model has moved away from the weak one, s > 1 pushes further in that direction, which
+    sharpens shapes the weak model only half drew. The weights sum to one, so the same
+    combination of eps or of v outputs gives the same eps. s = 1 is the model alone.
+    """
+    if guidance_scale == 1:
+        return model
+
+    def model_fn(x, t):
+        weak = guide(x, t)
+        return weak + guidance_scale * (model(x, t) - weak)
+
+    return model_fn
+
+
 @torch.inference_mode()
 def generate_images(model, scheduler, num_samples, labels=None, guidance_scale=DEFAULT_GUIDANCE_SCALE,
                     sampler=DEFAULT_SAMPLER, steps=None, eta=0.0, variance=None, seed=0, device="cpu",
-                    amp_dtype=None, batch_size=256, progress=False):
+                    amp_dtype=None, batch_size=256, progress=False, guide=None):
     """num_samples images (N, C, H, W), float32 in about [-1, 1], in chunks of batch_size.
 
     labels: (N,) digits for model B (guided by guidance_scale), None for model A.
+    guide: model A's guide network (autoguided_fn, at guidance_scale), or None for model A alone.
     amp_dtype: the dtype to run the model in under autocast (torch.bfloat16), None for fp32.
     The same seed gives the same images.
     """
@@ -227,7 +253,7 @@ def generate_images(model, scheduler, num_samples, labels=None, guidance_scale=D
         n = min(batch_size, num_samples - start)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             if labels is None:
-                model_fn = model
+                model_fn = model if guide is None else autoguided_fn(model, guide, guidance_scale)
             else:
                 model_fn = guided_noise_fn(model, labels[start:start + n].to(device), guidance_scale)
             chunks.append(sample(model_fn, scheduler, (n, *shape), sampler=sampler, steps=steps,

@@ -243,10 +243,13 @@ class NoiseScheduler:
 
     # ----------------------------------------------------------------- training
 
-    def sample_timesteps(self, batch_size, device=None, generator=None):
-        """(B,) int64 timesteps drawn uniformly from {0, ..., T-1}."""
+    def sample_timesteps(self, batch_size, device=None, generator=None, weights=None):
+        """(B,) int64 timesteps from {0, ..., T-1}: uniform, or with P(t) = weights[t] / sum(weights)
+        for a (T,) tensor of non-negative `weights`."""
         device = self.device if device is None else device
-        return torch.randint(0, self.num_timesteps, (batch_size,), device=device, generator=generator)
+        if weights is None:
+            return torch.randint(0, self.num_timesteps, (batch_size,), device=device, generator=generator)
+        return torch.multinomial(weights.float(), batch_size, replacement=True, generator=generator).to(device)
 
     def noise_image(self, x0, t, noise=None):
         """Sample the forward process q(x_t | x0) in closed form (Ho et al. eq. 4).

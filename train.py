@@ -13,7 +13,7 @@ from training import add_training_args, model_options, resolve_run, train
 def build_parser():
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     add_training_args(parser, img_size=64, patch_size=2, save_dir="checkpoints/dit",
-                      epochs=100, batch_size=64, lr=2e-4)
+                      epochs=100, batch_size=64, lr=2e-4, guide=True)
     return parser
 
 

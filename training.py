@@ -39,8 +39,9 @@ LOG_EVERY = 10  # optimizer steps between rows of metrics.csv (and progress-bar 
 # Options
 
 
-def add_training_args(parser, *, img_size, patch_size, save_dir, epochs, batch_size, lr):
-    """The options every training script has; the defaults that differ are arguments."""
+def add_training_args(parser, *, img_size, patch_size, save_dir, epochs, batch_size, lr, guide=False):
+    """The options every training script has; the defaults that differ are arguments.
+    guide: add --guide_epoch (model A: autoguidance needs no labels)."""
     group = parser.add_argument_group("data")
     group.add_argument("--data_dir", default="./data", help="folder that holds MNIST/")
     group.add_argument("--subset", type=positive_int, default=None,
@@ -69,6 +70,10 @@ def add_training_args(parser, *, img_size, patch_size, save_dir, epochs, batch_s
     group.add_argument("--min_snr_gamma", type=positive_float, default=None,
                        help="weight each timestep's loss by min-SNR-gamma (Hang et al.; 5 in the paper); "
                             "none given: every timestep weighs the same")
+    group.add_argument("--importance_sampling", action="store_true",
+                       help="with --min_snr_gamma: draw each t in proportion to its min-SNR weight "
+                            "instead of uniformly, and drop the weight (the same expected loss, no "
+                            "steps spent on timesteps that weigh next to nothing)")
 
     group = parser.add_argument_group("optimisation")
     group.add_argument("--epochs", type=positive_int, default=epochs, help="passes over the data")
@@ -90,6 +95,11 @@ def add_training_args(parser, *, img_size, patch_size, save_dir, epochs, batch_s
                        help="stop after N optimizer steps in all, saving ckpt_final.pt as usual")
     add_precision_arg(group)
     group.add_argument("--compile", action="store_true", help="torch.compile the model")
+    if guide:
+        group.add_argument("--guide_epoch", type=positive_int, default=None, metavar="K",
+                           help="keep the EMA weights of the end of epoch K in the later checkpoints as "
+                                "the guide of autoguidance: sampling runs guide + s (model - guide), "
+                                "s = --guidance_scale of infer.py; none given: no guide")
 
     group = parser.add_argument_group("run")
     group.add_argument("--seed", type=int, default=0, help="initial weights, data order, noise")
@@ -170,14 +180,19 @@ def write_options_file(args, parser, path):
 
 
 def training_step(model, scheduler, optimizer, x0, labels=None, *, amp_dtype=None, grad_scaler=None,
-                  grad_clip=0.0, min_snr_gamma=None, t=None, noise=None):
+                  grad_clip=0.0, min_snr_gamma=None, importance_sampling=False, t=None, noise=None):
     """One optimizer step on the DDPM loss, returns the (detached) loss.
 
         t ~ U{0, ..., T-1},  eps ~ N(0, I),  x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps
-        loss = mean_b w_b || target_b - model(x_t, t [, y])_b ||^2 / (C H W)
+        loss = mean_b w(t_b) || target_b - model(x_t, t [, y])_b ||^2 / (C H W)
 
     target: eps, or v = sqrt(ab_t) eps - sqrt(1 - ab_t) x0 for a scheduler with prediction
     "v"; w = 1, or the min-SNR weights of `min_snr_gamma` (scheduler.min_snr_weights).
+    importance_sampling (needs min_snr_gamma): t ~ P(t) = w(t) / sum_s w(s) and every image
+    weighs mean_s w(s), an estimate of the same expected loss,
+        E_{t~U}[w(t) L_t] = (1/T) sum_t w(t) L_t = mean_s w(s) * E_{t~P}[L_t],
+    without the images a uniform draw spends on timesteps of weight near 0 (with v and
+    gamma 5 on the linear schedule, the half of them above t = 500 carry 3.5% of the weight).
 
     `labels` is None for model A; for model B the model itself replaces a share of them
     by the null label (train mode). `amp_dtype` is the autocast dtype of the forward pass
@@ -186,8 +201,14 @@ def training_step(model, scheduler, optimizer, x0, labels=None, *, amp_dtype=Non
     given (tests do, to compare runs). Under DDP `model` is the DistributedDataParallel
     wrapper, whose backward averages the gradients over ranks.
     """
+    if importance_sampling and min_snr_gamma is None:
+        raise ValueError("importance_sampling draws t by the min-SNR weights: it needs min_snr_gamma")
+    if min_snr_gamma is not None:
+        all_weights = scheduler.min_snr_weights(torch.arange(scheduler.num_timesteps, device=x0.device),
+                                                min_snr_gamma)  # (T,)
     if t is None:
-        t = scheduler.sample_timesteps(x0.shape[0], device=x0.device)
+        t = scheduler.sample_timesteps(x0.shape[0], device=x0.device,
+                                       weights=all_weights if importance_sampling else None)
     x_t, noise = scheduler.noise_image(x0, t, noise)
     target = scheduler.training_target(x0, noise, t)
     with torch.autocast(x0.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -196,7 +217,8 @@ def training_step(model, scheduler, optimizer, x0, labels=None, *, amp_dtype=Non
         loss = F.mse_loss(output.float(), target)
     else:
         per_image = (output.float() - target).pow(2).flatten(1).mean(dim=1)  # (B,)
-        loss = (scheduler.min_snr_weights(t, min_snr_gamma) * per_image).mean()
+        weights = all_weights.mean() if importance_sampling else all_weights[t]  # () or (B,)
+        loss = (weights * per_image).mean()
     optimizer.zero_grad(set_to_none=True)
     if grad_scaler is None:
         loss.backward()
@@ -456,6 +478,12 @@ def train(run, ranks=Ranks(), device=None):
     stop_every_rank_unless_writable(args.save_dir, ranks)
     if run.resume is not None:
         refuse_other_batches_mid_epoch(args, run.resume, ranks.world_size)
+    if args.importance_sampling and args.min_snr_gamma is None:
+        raise UsageError("--importance_sampling draws timesteps by their min-SNR weights: give --min_snr_gamma too")
+    guide_epoch = getattr(args, "guide_epoch", None)  # model A's option
+    if guide_epoch is not None and guide_epoch >= args.epochs:
+        raise UsageError(f"--guide_epoch {guide_epoch} must be less than --epochs {args.epochs}: "
+                         "the guide is the model of an earlier epoch")
 
     # tiny gradients late in training become float32 subnormals, which x86 CPUs process
     # up to ~10x slower; flushing them to zero costs nothing in accuracy
@@ -475,9 +503,14 @@ def train(run, ranks=Ranks(), device=None):
     grad_scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     ema = EMA(model, args.ema_decay)
     epoch, step, batch_in_epoch, elapsed_before = 0, 0, 0, 0.0
+    guide = None  # autoguidance's weak model: a copy of the EMA weights at the end of epoch guide_epoch
     if run.resume is not None:
         epoch, step, batch_in_epoch, elapsed_before = restore_training_state(
             run.resume, model, ema, optimizer, grad_scaler)
+        guide = run.resume.get("guide")
+        if guide_epoch is not None and guide is None and epoch >= guide_epoch:
+            raise UsageError(f"{args.resume} is past epoch {guide_epoch} and holds no guide: "
+                             "resume without --guide_epoch, or start a new run")
         log(f"resumed from {args.resume} at epoch {epoch}, step {step}")
     seed_random_stream(run.resume, args.seed, ranks, step, device)
 
@@ -505,6 +538,8 @@ def train(run, ranks=Ranks(), device=None):
         if ranks.is_main:
             state = training_state(model, ema, optimizer, grad_scaler, scheduler, args, ranks, device,
                                    epoch=epoch, step=step, batch_in_epoch=batch_in_epoch, elapsed_s=elapsed())
+            if guide is not None:
+                state["guide"] = guide
             try:
                 save_checkpoint(state, path)
                 if preview_name:
@@ -549,7 +584,8 @@ def train(run, ranks=Ranks(), device=None):
                 step_model = train_model if len(x0) == args.batch_size else eager_model
                 loss = training_step(step_model, scheduler, optimizer, x0, y, amp_dtype=amp_dtype,
                                      grad_scaler=grad_scaler, grad_clip=args.grad_clip,
-                                     min_snr_gamma=args.min_snr_gamma)
+                                     min_snr_gamma=args.min_snr_gamma,
+                                     importance_sampling=args.importance_sampling)
                 ema.update(model)
                 step, batch_in_epoch = step + 1, batch_in_epoch + 1
                 row_loss, row_steps = row_loss + loss, row_steps + 1
@@ -576,6 +612,9 @@ def train(run, ranks=Ranks(), device=None):
                     log(f"epoch {epoch + 1}/{args.epochs}  step {step}  "
                         f"loss {ranks.mean(epoch_loss).item() / epoch_steps:.4f}  lr {lr:.2e}  {elapsed():.0f} s")
                 epoch, batch_in_epoch = epoch + 1, 0
+                if epoch == guide_epoch:
+                    guide = {name: tensor.clone() for name, tensor in clean_state_dict(ema.state_dict()).items()}
+                    log(f"kept the EMA weights of epoch {epoch} as the guide")
                 if epoch % args.save_freq == 0 and epoch < args.epochs:
                     save(f"ckpt_epoch_{epoch}.pt", f"preview_epoch_{epoch}.png")
     finally:

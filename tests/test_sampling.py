@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from sampling import (DEFAULT_STEPS, FEW_STEP_VARIANCE, SAMPLERS, VARIANCES, default_variance, sample,
-                      timestep_schedule)
+from sampling import (DEFAULT_STEPS, FEW_STEP_VARIANCE, SAMPLERS, VARIANCES, autoguided_fn, default_variance,
+                      generate_images, sample, timestep_schedule)
 from scheduler import NoiseScheduler
 from tests.conftest import ref_alphas_cumprod
 
@@ -590,3 +590,49 @@ def test_a_v_model_samples_what_the_eps_model_samples(sampler, steps):
     torch.testing.assert_close(by_v, by_eps, rtol=0, atol=1e-4)
     wrong = sample(v_of(eps_oracle, ab), NoiseScheduler(), SHAPE, sampler=sampler, steps=steps, generator=seeded())
     assert (wrong - by_eps).abs().max() > 0.1  # the test sees a v output read as noise
+
+
+# ------------------------------------------------------------ autoguidance (model A)
+
+
+def test_autoguidance_is_the_guide_plus_s_times_the_difference():
+    """out = guide + s (model - guide), in float64 by hand; s = 1 is the model alone and never
+    calls the guide."""
+    gen = seeded(1)
+    x, t = torch.randn(SHAPE, generator=gen), torch.full((SHAPE[0],), 500)
+    main_out, guide_out = torch.randn(SHAPE, generator=gen), torch.randn(SHAPE, generator=gen)
+    main, guide = (lambda x, t: main_out), (lambda x, t: guide_out)
+    for s in (0.0, 2.0, 3.5):
+        expected = guide_out.double() + s * (main_out.double() - guide_out.double())
+        torch.testing.assert_close(autoguided_fn(main, guide, s)(x, t).double(), expected, rtol=1e-6, atol=1e-6)
+
+    def unused_guide(x, t):
+        raise AssertionError("the guide ran at s = 1")
+    assert autoguided_fn(main, unused_guide, 1.0) is main
+
+
+@pytest.mark.parametrize("sampler, steps", [("ddpm", 10), ("dpm++2m", 10)])
+def test_autoguided_v_models_sample_the_guided_noise(sampler, steps):
+    """The weights 1 - s and s sum to one, so guiding two v models is guiding the noises they
+    imply: on Gaussian-data oracles of different spread (the 'model' sharper than the 'guide'),
+    the v pair sampled by generate_images matches the eps combination written by hand."""
+    ab = ref_ab("linear")
+    main, guide = GaussianOracle(0.2, 0.4, ab), GaussianOracle(0.2, 0.7, ab)
+
+    class Net(torch.nn.Module):  # what generate_images needs of a model: its image shape
+        channels, img_size = SHAPE[1], SHAPE[2]
+
+        def __init__(self, fn):
+            super().__init__()
+            self.fn = fn
+
+        def forward(self, x, t):
+            return self.fn(x, t)
+
+    by_hand = sample(lambda x, t: guide(x, t) + 2.5 * (main(x, t) - guide(x, t)), NoiseScheduler(), SHAPE,
+                     sampler=sampler, steps=steps, generator=seeded())
+    by_v = generate_images(Net(v_of(main, ab)), NoiseScheduler(prediction="v"), SHAPE[0],
+                           guide=Net(v_of(guide, ab)), guidance_scale=2.5, sampler=sampler, steps=steps)
+    torch.testing.assert_close(by_v, by_hand, rtol=0, atol=1e-4)
+    unguided = sample(main, NoiseScheduler(), SHAPE, sampler=sampler, steps=steps, generator=seeded())
+    assert (by_hand - unguided).abs().max() > 0.05  # the guidance changes the samples

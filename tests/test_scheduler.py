@@ -199,6 +199,20 @@ def test_sample_timesteps_cover_the_range():
     assert torch.equal(t, t2)
 
 
+def test_weighted_timesteps_are_drawn_in_proportion_to_their_weights():
+    """P(t) = w_t / sum w: zero-weight timesteps never come up, and each count is within
+    5 standard deviations of the binomial's n p (a wrong rule, e.g. uniform, misses by 100+)."""
+    weights = torch.zeros(1000)
+    weights[[3, 10, 500, 999]] = torch.tensor([1.0, 4.0, 2.0, 3.0])
+    n = 50_000
+    t = NoiseScheduler().sample_timesteps(n, generator=torch.Generator().manual_seed(0), weights=weights)
+    assert t.shape == (n,) and t.dtype == torch.int64
+    counts = torch.bincount(t, minlength=1000).double()
+    assert set(t.unique().tolist()) == {3, 10, 500, 999}
+    p = weights.double() / weights.sum()
+    assert ((counts - n * p).abs() <= 5 * (n * p * (1 - p)).sqrt()).all()
+
+
 # ------------------------------------------------------------ forward process
 
 

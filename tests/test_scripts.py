@@ -78,12 +78,14 @@ def test_prediction_and_loss_weighting_live_in_the_checkpoint(tiny_mnist, tmp_pa
 
     recipe = ["--data_dir", tiny_mnist, *TINY_RUN, "--precision", "fp32", "--max_steps", "3"]
     run_script("train.py", *recipe, "--save_dir", str(tmp_path / "eps"))
-    run_script("train.py", *recipe, "--save_dir", str(tmp_path / "v"), "--prediction", "v", "--min_snr_gamma", "5")
+    run_script("train.py", *recipe, "--save_dir", str(tmp_path / "v"), "--prediction", "v", "--min_snr_gamma", "5",
+               "--importance_sampling")
     ckpt = load_checkpoint(str(tmp_path / "v" / "ckpt_final.pt"))
     assert ckpt["scheduler_config"]["prediction"] == "v" and ckpt["args"]["min_snr_gamma"] == 5.0
+    assert ckpt["args"]["importance_sampling"] is True
     assert build_model(ckpt)[1].prediction == "v"
     eps_ckpt = load_checkpoint(str(tmp_path / "eps" / "ckpt_final.pt"))
-    assert eps_ckpt["args"]["min_snr_gamma"] is None
+    assert eps_ckpt["args"]["min_snr_gamma"] is None and eps_ckpt["args"]["importance_sampling"] is False
     # the same start, data and noise: only the target and the weights differ, so do the weights after
     assert not torch.equal(ckpt["model"]["final_layer.linear.bias"], eps_ckpt["model"]["final_layer.linear.bias"])
 
@@ -129,6 +131,49 @@ def test_infer_variance_reaches_the_ddpm_sampler(run_a, tmp_path):
                     "--steps", "3", "--num_samples", "4", *(["--variance", variance] if variance else [])])
     pictures = {v: (tmp_path / f"{v}.png").read_bytes() for v in ("beta", "posterior", None)}
     assert pictures["beta"] != pictures["posterior"] and pictures[None] == pictures["posterior"]
+
+
+def test_guide_epoch_keeps_that_epochs_ema_for_autoguided_sampling(run_a, tiny_mnist, tmp_path, monkeypatch,
+                                                                   capsys):
+    """--guide_epoch 1 stores the EMA weights of the end of epoch 1 as "guide" in every later
+    checkpoint, a resumed run and the exported weights included; infer.py then samples with
+    autoguidance, and --guidance_scale 1 draws what the model alone draws."""
+    from checkpoint import export_weights
+
+    common = ["--data_dir", tiny_mnist, *TINY_RUN, "--precision", "fp32", "--save_freq", "1", "--guide_epoch", "1"]
+    train.main([*common, "--epochs", "3", "--save_dir", str(tmp_path / "run")])  # 3 steps per epoch
+    ckpts = [load_checkpoint(str(tmp_path / "run" / name))
+             for name in ("ckpt_epoch_1.pt", "ckpt_epoch_2.pt", "ckpt_final.pt")]
+    for ckpt in ckpts:
+        assert set(ckpt["guide"]) == set(ckpt["ema"])
+        assert all(torch.equal(ckpt["guide"][name], ckpts[0]["ema"][name]) for name in ckpt["guide"])
+    assert not all(torch.equal(ckpts[2]["guide"][name], ckpts[2]["ema"][name]) for name in ckpts[2]["ema"])
+
+    train.main(["--resume", str(tmp_path / "run" / "ckpt_epoch_2.pt"), "--save_dir", str(tmp_path / "resumed")])
+    resumed = load_checkpoint(str(tmp_path / "resumed" / "ckpt_final.pt"))
+    assert resumed["epoch"] == 3 and all(torch.equal(resumed["guide"][n], ckpts[0]["ema"][n]) for n in resumed["guide"])
+    export_weights(str(tmp_path / "run" / "ckpt_final.pt"), str(tmp_path / "weights.pt"))
+    weights = load_checkpoint(str(tmp_path / "weights.pt"))
+    assert all(torch.equal(weights["guide"][n], ckpts[0]["ema"][n]) for n in weights["guide"])
+
+    unguided = dict(ckpts[2])
+    del unguided["guide"]
+    torch.save(unguided, tmp_path / "unguided.pt")
+    draw = ["--num_samples", "4", "--steps", "3"]
+    infer.main(["--ckpt", str(tmp_path / "weights.pt"), "--output", str(tmp_path / "guided.png"), *draw])
+    infer.main(["--ckpt", str(tmp_path / "weights.pt"), "--output", str(tmp_path / "s1.png"), *draw,
+                "--guidance_scale", "1"])
+    infer.main(["--ckpt", str(tmp_path / "unguided.pt"), "--output", str(tmp_path / "alone.png"), *draw])
+    assert (tmp_path / "s1.png").read_bytes() == (tmp_path / "alone.png").read_bytes()
+    assert (tmp_path / "guided.png").read_bytes() != (tmp_path / "alone.png").read_bytes()
+
+    # a run already past the guide's epoch cannot make one; evaluate.py needs a guide to guide model A
+    message = error_of(train.main, ["--resume", str(run_a / "ckpt_final.pt"), "--guide_epoch", "1", "--epochs", "3",
+                                    "--save_dir", str(tmp_path / "late")], monkeypatch, capsys)
+    assert "is past epoch 1 and holds no guide" in message
+    message = error_of(evaluate.main, ["--ckpt", str(run_a / "ckpt_final.pt"), "--guidance_sweep", "1,2"],
+                       monkeypatch, capsys)
+    assert "without a guide" in message
 
 
 def test_resume_continues_from_the_saved_step(run_a, tiny_mnist, tmp_path):
@@ -232,6 +277,7 @@ def test_corrupt_or_wrong_checkpoint_gives_one_line_error(run_a, run_b, tmp_path
     (["--variance", "beta", "--sampler", "ddim"], "DDPM option"),
     (["--output", "/nonexistent/dir/x.png"], "does not exist"),
     (["--output", "x.unknownext"], "image format"),
+    (["--guidance_scale", "2"], "without a guide"),
 ])
 def test_bad_inference_options(run_a, args, expected, tmp_path, monkeypatch, capsys):
     if "--output" not in args:
@@ -251,10 +297,13 @@ def fail_if_called(what):
     (train.main, ["--img_size", "30", "--patch_size", "4"], "divisible by patch_size"),
     (train.main, ["--num_workers", "-1"], "must be an integer >= 0"),
     (train_cfg.main, ["--cond_tokens", "1"], "cond_tokens must be an integer >= 2"),
+    (train.main, ["--importance_sampling"], "give --min_snr_gamma too"),
+    (train.main, ["--epochs", "3", "--guide_epoch", "3"], "must be less than --epochs 3"),
     # a save_dir that cannot be created: its parent, or the path itself, is a regular file
     (train.main, ["--save_dir", "{tmp}/a_file/run"], "cannot write files in the output directory"),
     (train.main, ["--save_dir", "{tmp}/a_file"], "cannot write files in the output directory"),
-], ids=["model_shape", "num_workers", "cond_tokens", "save_dir_under_a_file", "save_dir_is_a_file"])
+], ids=["model_shape", "num_workers", "cond_tokens", "importance_sampling_alone", "guide_epoch_too_late",
+        "save_dir_under_a_file", "save_dir_is_a_file"])
 def test_bad_training_options_stop_before_the_data_is_read(main, args, expected, tiny_mnist, tmp_path,
                                                            monkeypatch, capsys):
     (tmp_path / "a_file").write_text("not a directory")

@@ -188,3 +188,40 @@ def test_training_loss_is_the_x0_error_weighted_by_its_closed_form(prediction, g
         weight = snr if prediction == "eps" else snr + 1
     expected = (weight * (x0.double() - x0_hat).pow(2).flatten(1).mean(1)).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_importance_sampled_loss_weighs_every_image_by_the_mean_weight(prediction):
+    """--importance_sampling: t is drawn with P(t) = w(t) / sum w and each image's error weighs
+    mean_s w(s), so that E_P[mean(w) L_t] = (1/T) sum_t w(t) L_t, the uniformly drawn weighted
+    loss. For given t the loss is mean(w) times the plain squared error of the target, with
+    w = min(SNR, 5) / SNR (eps) or / (SNR + 1) (v) from the float64 schedule."""
+    from scheduler import NoiseScheduler
+    from tests.conftest import ref_alphas_cumprod
+    from training import training_step
+
+    ab = torch.from_numpy(ref_alphas_cumprod("linear")[1])
+    snr = ab / (1 - ab)
+    mean_weight = (snr.clamp(max=5) / (snr if prediction == "eps" else snr + 1)).mean()
+    gen = torch.Generator().manual_seed(0)
+    t = torch.tensor([0, 40, 500, 999])
+    x0 = torch.rand(4, 1, 4, 4, generator=gen) * 2 - 1
+    noise, out = torch.randn(4, 1, 4, 4, generator=gen), torch.randn(4, 1, 4, 4, generator=gen)
+    model = FixedOutput(out)
+    loss = training_step(model, NoiseScheduler(prediction=prediction), make_optimizer(model, 1e-3, "cpu"),
+                         x0, min_snr_gamma=5.0, importance_sampling=True, t=t, noise=noise)
+
+    a, s = ab[t].sqrt().view(-1, 1, 1, 1), (1 - ab[t]).sqrt().view(-1, 1, 1, 1)
+    target = noise.double() if prediction == "eps" else a * noise.double() - s * x0.double()
+    expected = mean_weight * (out.double() - target).pow(2).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_importance_sampling_needs_the_min_snr_weights():
+    from scheduler import NoiseScheduler
+    from training import training_step
+
+    model = FixedOutput(torch.zeros(2, 1, 4, 4))
+    with pytest.raises(ValueError, match="min_snr_gamma"):
+        training_step(model, NoiseScheduler(), make_optimizer(model, 1e-3, "cpu"), torch.zeros(2, 1, 4, 4),
+                      importance_sampling=True)
