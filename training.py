@@ -11,6 +11,7 @@ that fails while the others wait, a resumed run that must continue exactly). Und
 rank runs this same code; train_cfg_ddp.py only joins the process group around it.
 """
 import argparse
+import copy
 import csv
 import itertools
 import os
@@ -30,7 +31,8 @@ from ema import EMA
 from images import OutputError, check_output_dir, save_grid
 from options import (AMP_DTYPES, UsageError, add_device_arg, add_precision_arg, nonnegative_float,
                      nonnegative_int, positive_float, positive_int, probability, resolve_device, resolve_precision)
-from sampling import PREVIEW_SAMPLER, PREVIEW_STEPS, generate_images
+from sampling import (DEFAULT_AUTOGUIDANCE_SCALE, DEFAULT_GUIDANCE_SCALE, PREVIEW_SAMPLER, PREVIEW_STEPS,
+                      generate_images)
 from scheduler import PREDICTIONS, SCHEDULES, NoiseScheduler
 
 LOG_EVERY = 10  # optimizer steps between rows of metrics.csv (and progress-bar updates)
@@ -406,17 +408,20 @@ class MetricsLog:
             csv.DictWriter(f, self.COLUMNS).writerow(row)
 
 
-def save_preview(ema_model, scheduler, path, device, amp_dtype):
+def save_preview(ema_model, scheduler, path, device, amp_dtype, guide=None):
     """A grid of samples from the EMA weights, drawn with the sampler that is faithful to a
     weakly trained model (sampling.PREVIEW_SAMPLER): for a conditional model one row per
-    class, guided at the default scale; otherwise 4 x 4 samples."""
+    class, guided at the default scale; otherwise 4 x 4 samples, autoguided at the default
+    scale once the run holds a guide."""
     if ema_model.num_classes:
         labels, nrow = torch.arange(ema_model.num_classes).repeat_interleave(8), 8
     else:
         labels, nrow = None, 4
+    scale = DEFAULT_GUIDANCE_SCALE if guide is None else DEFAULT_AUTOGUIDANCE_SCALE
     images = generate_images(ema_model, scheduler, nrow * nrow if labels is None else len(labels),
-                             labels=labels, sampler=PREVIEW_SAMPLER, steps=min(PREVIEW_STEPS, scheduler.num_timesteps),
-                             seed=0, device=device, amp_dtype=amp_dtype)
+                             labels=labels, guide=guide, guidance_scale=scale, sampler=PREVIEW_SAMPLER,
+                             steps=min(PREVIEW_STEPS, scheduler.num_timesteps), seed=0, device=device,
+                             amp_dtype=amp_dtype)
     save_grid(images, path, nrow=nrow)
 
 
@@ -503,11 +508,13 @@ def train(run, ranks=Ranks(), device=None):
     grad_scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     ema = EMA(model, args.ema_decay)
     epoch, step, batch_in_epoch, elapsed_before = 0, 0, 0, 0.0
-    guide = None  # autoguidance's weak model: a copy of the EMA weights at the end of epoch guide_epoch
+    guide = None  # autoguidance's weak model: a frozen copy of the EMA at the end of epoch guide_epoch
     if run.resume is not None:
         epoch, step, batch_in_epoch, elapsed_before = restore_training_state(
             run.resume, model, ema, optimizer, grad_scaler)
-        guide = run.resume.get("guide")
+        if "guide" in run.resume:
+            guide = copy.deepcopy(ema.module)
+            guide.load_state_dict(clean_state_dict(run.resume["guide"]))
         if guide_epoch is not None and guide is None and epoch >= guide_epoch:
             raise UsageError(f"{args.resume} is past epoch {guide_epoch} and holds no guide: "
                              "resume without --guide_epoch, or start a new run")
@@ -539,12 +546,12 @@ def train(run, ranks=Ranks(), device=None):
             state = training_state(model, ema, optimizer, grad_scaler, scheduler, args, ranks, device,
                                    epoch=epoch, step=step, batch_in_epoch=batch_in_epoch, elapsed_s=elapsed())
             if guide is not None:
-                state["guide"] = guide
+                state["guide"] = clean_state_dict(guide.state_dict())
             try:
                 save_checkpoint(state, path)
                 if preview_name:
                     save_preview(ema.module, scheduler, os.path.join(args.save_dir, preview_name),
-                                 device, amp_dtype)
+                                 device, amp_dtype, guide)
             except OSError as err:
                 error = f"could not write {path} or its preview: {err.strerror or err}"
         error = ranks.first_error(error)
@@ -613,7 +620,7 @@ def train(run, ranks=Ranks(), device=None):
                         f"loss {ranks.mean(epoch_loss).item() / epoch_steps:.4f}  lr {lr:.2e}  {elapsed():.0f} s")
                 epoch, batch_in_epoch = epoch + 1, 0
                 if epoch == guide_epoch:
-                    guide = {name: tensor.clone() for name, tensor in clean_state_dict(ema.state_dict()).items()}
+                    guide = copy.deepcopy(ema.module)
                     log(f"kept the EMA weights of epoch {epoch} as the guide")
                 if epoch % args.save_freq == 0 and epoch < args.epochs:
                     save(f"ckpt_epoch_{epoch}.pt", f"preview_epoch_{epoch}.png")
