@@ -72,13 +72,6 @@ def nonnegative_float(text):
     return value
 
 
-def positive_float(text):
-    value = float(text)
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
 def probability(text):
     value = float(text)
     if not 0 <= value <= 1:

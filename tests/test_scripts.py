@@ -71,21 +71,22 @@ def test_train_writes_a_plain_checkpoint_and_preview(run_a):
 
 
 def test_prediction_and_loss_weighting_live_in_the_checkpoint(tiny_mnist, tmp_path, monkeypatch, capsys):
-    """--prediction v and --min_snr_gamma reach the training loss, are stored, and the
-    checkpoint's schedule tells sampling how to read the output; a resume keeps the target;
-    a checkpoint written before --prediction existed loads as an eps model."""
+    """--prediction and --min_snr_gamma (by default v and 5) reach the training loss, are
+    stored, and the checkpoint's schedule tells sampling how to read the output; a resume keeps
+    the target; a checkpoint written before --prediction existed loads as an eps model."""
     from checkpoint import build_model
 
     recipe = ["--data_dir", tiny_mnist, *TINY_RUN, "--precision", "fp32", "--max_steps", "3"]
-    run_script("train.py", *recipe, "--save_dir", str(tmp_path / "eps"))
-    run_script("train.py", *recipe, "--save_dir", str(tmp_path / "v"), "--prediction", "v", "--min_snr_gamma", "5",
-               "--importance_sampling")
+    run_script("train.py", *recipe, "--save_dir", str(tmp_path / "eps"), "--prediction", "eps",
+               "--min_snr_gamma", "0")
+    run_script("train.py", *recipe, "--save_dir", str(tmp_path / "v"), "--importance_sampling")
     ckpt = load_checkpoint(str(tmp_path / "v" / "ckpt_final.pt"))
     assert ckpt["scheduler_config"]["prediction"] == "v" and ckpt["args"]["min_snr_gamma"] == 5.0
     assert ckpt["args"]["importance_sampling"] is True
     assert build_model(ckpt)[1].prediction == "v"
     eps_ckpt = load_checkpoint(str(tmp_path / "eps" / "ckpt_final.pt"))
-    assert eps_ckpt["args"]["min_snr_gamma"] is None and eps_ckpt["args"]["importance_sampling"] is False
+    assert eps_ckpt["scheduler_config"]["prediction"] == "eps"
+    assert eps_ckpt["args"]["min_snr_gamma"] == 0.0 and eps_ckpt["args"]["importance_sampling"] is False
     # the same start, data and noise: only the target and the weights differ, so do the weights after
     assert not torch.equal(ckpt["model"]["final_layer.linear.bias"], eps_ckpt["model"]["final_layer.linear.bias"])
 
@@ -99,6 +100,22 @@ def test_prediction_and_loss_weighting_live_in_the_checkpoint(tiny_mnist, tmp_pa
     run_script("infer.py", "--ckpt", str(tmp_path / "v" / "ckpt_final.pt"), "--steps", "2",
                "--output", str(tmp_path / "v.png"))
     assert Image.open(tmp_path / "v.png").size[0] >= 16
+
+
+def test_min_snr_gamma_zero_trains_with_uniform_weights(tiny_mnist, tmp_path, monkeypatch):
+    """--min_snr_gamma 0 switches the weighting off: the training step gets no gamma at all."""
+    gammas = []
+    real_step = training.training_step
+
+    def recording_step(*args, **kwargs):
+        gammas.append(kwargs["min_snr_gamma"])
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(training, "training_step", recording_step)
+    for gamma in ("0", "2.5"):
+        train.main(["--data_dir", tiny_mnist, *TINY_RUN, "--max_steps", "1", "--save_dir", str(tmp_path / gamma),
+                    "--min_snr_gamma", gamma])
+    assert gammas == [None, 2.5]
 
 
 def test_infer_single_image_grid_and_directory(run_a, tmp_path):
@@ -297,12 +314,12 @@ def fail_if_called(what):
     (train.main, ["--img_size", "30", "--patch_size", "4"], "divisible by patch_size"),
     (train.main, ["--num_workers", "-1"], "must be an integer >= 0"),
     (train_cfg.main, ["--cond_tokens", "1"], "cond_tokens must be an integer >= 2"),
-    (train.main, ["--importance_sampling"], "give --min_snr_gamma too"),
+    (train.main, ["--importance_sampling", "--min_snr_gamma", "0"], "needs --min_snr_gamma above 0"),
     (train.main, ["--epochs", "3", "--guide_epoch", "3"], "must be less than --epochs 3"),
     # a save_dir that cannot be created: its parent, or the path itself, is a regular file
     (train.main, ["--save_dir", "{tmp}/a_file/run"], "cannot write files in the output directory"),
     (train.main, ["--save_dir", "{tmp}/a_file"], "cannot write files in the output directory"),
-], ids=["model_shape", "num_workers", "cond_tokens", "importance_sampling_alone", "guide_epoch_too_late",
+], ids=["model_shape", "num_workers", "cond_tokens", "importance_sampling_without_weights", "guide_epoch_too_late",
         "save_dir_under_a_file", "save_dir_is_a_file"])
 def test_bad_training_options_stop_before_the_data_is_read(main, args, expected, tiny_mnist, tmp_path,
                                                            monkeypatch, capsys):
