@@ -191,8 +191,8 @@ def training_step(model, scheduler, optimizer, x0, labels=None, *, amp_dtype=Non
         loss = mean_b w(t_b) || target_b - model(x_t, t [, y])_b ||^2 / (C H W)
 
     target: eps, or v = sqrt(ab_t) eps - sqrt(1 - ab_t) x0 for a scheduler with prediction
-    "v"; w = 1, or the min-SNR weights of `min_snr_gamma` (scheduler.min_snr_weights).
-    importance_sampling (needs min_snr_gamma): t ~ P(t) = w(t) / sum_s w(s) and every image
+    "v"; w = 1 when `min_snr_gamma` is None or 0, else its min-SNR weights (scheduler.min_snr_weights).
+    importance_sampling (needs min_snr_gamma > 0): t ~ P(t) = w(t) / sum_s w(s) and every image
     weighs mean_s w(s), an estimate of the same expected loss,
         E_{t~U}[w(t) L_t] = (1/T) sum_t w(t) L_t = mean_s w(s) * E_{t~P}[L_t],
     without the images a uniform draw spends on timesteps of weight near 0 (with v and
@@ -205,9 +205,9 @@ def training_step(model, scheduler, optimizer, x0, labels=None, *, amp_dtype=Non
     given (tests do, to compare runs). Under DDP `model` is the DistributedDataParallel
     wrapper, whose backward averages the gradients over ranks.
     """
-    if importance_sampling and min_snr_gamma is None:
-        raise ValueError("importance_sampling draws t by the min-SNR weights: it needs min_snr_gamma")
-    if min_snr_gamma is not None:
+    if importance_sampling and not min_snr_gamma:
+        raise ValueError("importance_sampling draws t by the min-SNR weights: it needs min_snr_gamma > 0")
+    if importance_sampling:
         all_weights = scheduler.min_snr_weights(torch.arange(scheduler.num_timesteps, device=x0.device),
                                                 min_snr_gamma)  # (T,)
     if t is None:
@@ -217,11 +217,11 @@ def training_step(model, scheduler, optimizer, x0, labels=None, *, amp_dtype=Non
     target = scheduler.training_target(x0, noise, t)
     with torch.autocast(x0.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         output = model(x_t, t) if labels is None else model(x_t, t, labels)
-    if min_snr_gamma is None:
+    if not min_snr_gamma:  # None or 0: every timestep weighs the same
         loss = F.mse_loss(output.float(), target)
     else:
         per_image = (output.float() - target).pow(2).flatten(1).mean(dim=1)  # (B,)
-        weights = all_weights.mean() if importance_sampling else all_weights[t]  # () or (B,)
+        weights = all_weights.mean() if importance_sampling else scheduler.min_snr_weights(t, min_snr_gamma)  # () or (B,)
         loss = (weights * per_image).mean()
     optimizer.zero_grad(set_to_none=True)
     if grad_scaler is None:
@@ -594,7 +594,7 @@ def train(run, ranks=Ranks(), device=None):
                 step_model = train_model if len(x0) == args.batch_size else eager_model
                 loss = training_step(step_model, scheduler, optimizer, x0, y, amp_dtype=amp_dtype,
                                      grad_scaler=grad_scaler, grad_clip=args.grad_clip,
-                                     min_snr_gamma=args.min_snr_gamma or None,  # 0: uniform
+                                     min_snr_gamma=args.min_snr_gamma,
                                      importance_sampling=args.importance_sampling)
                 ema.update(model)
                 step, batch_in_epoch = step + 1, batch_in_epoch + 1

@@ -102,22 +102,6 @@ def test_prediction_and_loss_weighting_live_in_the_checkpoint(tiny_mnist, tmp_pa
     assert Image.open(tmp_path / "v.png").size[0] >= 16
 
 
-def test_min_snr_gamma_zero_trains_with_uniform_weights(tiny_mnist, tmp_path, monkeypatch):
-    """--min_snr_gamma 0 switches the weighting off: the training step gets no gamma at all."""
-    gammas = []
-    real_step = training.training_step
-
-    def recording_step(*args, **kwargs):
-        gammas.append(kwargs["min_snr_gamma"])
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(training, "training_step", recording_step)
-    for gamma in ("0", "2.5"):
-        train.main(["--data_dir", tiny_mnist, *TINY_RUN, "--max_steps", "1", "--save_dir", str(tmp_path / gamma),
-                    "--min_snr_gamma", gamma])
-    assert gammas == [None, 2.5]
-
-
 def test_infer_single_image_grid_and_directory(run_a, tmp_path):
     ckpt = str(run_a / "ckpt_final.pt")
     infer.main(["--ckpt", ckpt, "--output", str(tmp_path / "one.jpg"), "--steps", "3"])

@@ -159,11 +159,11 @@ class FixedOutput(torch.nn.Module):
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])
-@pytest.mark.parametrize("gamma", [None, 5.0])
+@pytest.mark.parametrize("gamma", [None, 0.0, 5.0])
 def test_training_loss_is_the_x0_error_weighted_by_its_closed_form(prediction, gamma):
     """Written as an error on the clean image, the eps loss weighs each timestep by SNR_t, the
     v loss by SNR_t + 1 (Salimans & Ho), and min-SNR-gamma by min(SNR_t, gamma) whatever the
-    target (Hang et al. 2023). The x0 the model implies is computed here in float64 from the
+    target (Hang et al. 2023); gamma 0 (--min_snr_gamma 0) or None is no weighting. The x0 the model implies is computed here in float64 from the
     definitions: x0_hat = (x_t - s eps_hat) / a for eps, a x_t - s v_hat for v."""
     from scheduler import NoiseScheduler
     from tests.conftest import ref_alphas_cumprod
@@ -182,7 +182,7 @@ def test_training_loss_is_the_x0_error_weighted_by_its_closed_form(prediction, g
     x_t = a * x0.double() + s * noise.double()
     x0_hat = (x_t - s * out.double()) / a if prediction == "eps" else a * x_t - s * out.double()
     snr = ab[t] / (1 - ab[t])
-    if gamma is not None:
+    if gamma:
         weight = snr.clamp(max=gamma)
     else:
         weight = snr if prediction == "eps" else snr + 1
@@ -217,11 +217,12 @@ def test_importance_sampled_loss_weighs_every_image_by_the_mean_weight(predictio
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
 
 
-def test_importance_sampling_needs_the_min_snr_weights():
+@pytest.mark.parametrize("gamma", [None, 0.0])
+def test_importance_sampling_needs_the_min_snr_weights(gamma):
     from scheduler import NoiseScheduler
     from training import training_step
 
     model = FixedOutput(torch.zeros(2, 1, 4, 4))
     with pytest.raises(ValueError, match="min_snr_gamma"):
         training_step(model, NoiseScheduler(), make_optimizer(model, 1e-3, "cpu"), torch.zeros(2, 1, 4, 4),
-                      importance_sampling=True)
+                      min_snr_gamma=gamma, importance_sampling=True)
