@@ -27,6 +27,12 @@ def add_sampler_args(parser):
                              f"{DEFAULT_STEPS['ddim']} for ddim, {DEFAULT_STEPS['dpm++2m']} for dpm++2m")
 
 
+def add_eta_arg(parser):
+    """--eta of the ddim sampler (infer.py, infer_cfg.py, evaluate.py)."""
+    parser.add_argument("--eta", type=nonnegative_float, default=0.0,
+                        help="DDIM noise: 0 deterministic, 1 ancestral (ddim only)")
+
+
 def add_variance_arg(parser):
     """--variance of the ddpm sampler (infer.py, infer_cfg.py, evaluate.py)."""
     parser.add_argument("--variance", choices=VARIANCES, default=None,
@@ -56,8 +62,7 @@ def add_sampling_args(parser, default_ckpt):
                         help="magnify the picture, each pixel a scale x scale block (3 makes a "
                              "28-pixel digit easy to see); files in an --output folder keep the model's size")
     add_sampler_args(parser)
-    parser.add_argument("--eta", type=nonnegative_float, default=0.0,
-                        help="DDIM noise: 0 deterministic, 1 ancestral (ddim only)")
+    add_eta_arg(parser)
     add_variance_arg(parser)
     parser.add_argument("--seed", type=int, default=0, help="the same seed draws the same images")
     parser.add_argument("--batch_size", type=positive_int, default=256,

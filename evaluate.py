@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 import sampling
 from checkpoint import load_model, one_line_reason, save_checkpoint
-from cli import (PRETRAINED, add_sampler_args, add_variance_arg, check_sampler_options, load_guide, resolve_steps,
+from cli import (PRETRAINED, add_eta_arg, add_sampler_args, add_variance_arg, check_sampler_options, load_guide, resolve_steps,
                  run_main)
 from data import MNIST_CLASSES, load_mnist, resize_images, to_model_range
 from images import check_output_file
@@ -316,6 +316,7 @@ def build_parser():
     guidance.add_argument("--guidance_sweep", type=guidance_list, default=None, metavar="S1,S2,...",
                           help="evaluate several guidance scales, one row each, e.g. 0,1,2,3,5")
     add_sampler_args(parser)
+    add_eta_arg(parser)
     add_variance_arg(parser)
     parser.add_argument("--seed", type=int, default=0,
                         help="seeds the samples and the choice of the floor's real images")
@@ -387,7 +388,7 @@ def evaluate(args):
         t0 = time.perf_counter()
         samples = sampling.generate_images(model, scheduler, args.num_samples, labels=labels,
                                            guidance_scale=scale, guide=guide, sampler=args.sampler, steps=steps,
-                                           variance=args.variance,
+                                           eta=args.eta, variance=args.variance,
                                            seed=args.seed, device=device, amp_dtype=AMP_DTYPES[precision],
                                            batch_size=args.batch_size, progress=True)
         seconds = time.perf_counter() - t0
@@ -400,7 +401,7 @@ def evaluate(args):
         "checkpoint": args.ckpt, "kind": ckpt["kind"], "num_classes": model.num_classes,
         "use_ema": not args.no_ema,
         "guide_epoch": ckpt["args"].get("guide_epoch") if guide is not None else None,
-        "num_samples": args.num_samples, "sampler": args.sampler, "steps": steps, "variance": args.variance,
+        "num_samples": args.num_samples, "sampler": args.sampler, "steps": steps, "eta": args.eta, "variance": args.variance,
         "seed": args.seed, "device": str(device),
         "precision": precision,
         "classifier": {"path": args.classifier, "test_acc": classifier_acc},
@@ -420,8 +421,10 @@ def print_report(report):
     if r["guide_epoch"] is not None:
         weights += f", autoguided by its EMA of epoch {r['guide_epoch']}"
     print(f"\ncheckpoint  {r['checkpoint']} ({r['kind']}, {weights} weights)")
-    variance = "" if r["variance"] is None else f" ({r['variance']} variance)"
-    print(f"sampling    {r['sampler']}{variance}, {r['steps']} steps, seed {r['seed']}, "
+    noise = "" if r["variance"] is None else f" ({r['variance']} variance)"
+    if r["eta"]:
+        noise += f" (eta {r['eta']:g})"
+    print(f"sampling    {r['sampler']}{noise}, {r['steps']} steps, seed {r['seed']}, "
           f"{r['num_samples']} samples{per_digit}, {r['precision']} on {r['device']}")
     print(f"classifier  {r['classifier']['path']} (test accuracy "
           f"{'unknown' if acc is None else f'{100 * acc:.2f}%'})\n")

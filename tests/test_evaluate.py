@@ -192,3 +192,13 @@ def test_end_to_end_on_a_tiny_checkpoint(tiny_mnist, tmp_path, capsys):
         assert key in row, key
     assert len(row["per_digit_accuracy"]) == 10 and sum(row["class_histogram"]) == 20
     assert 0 <= row["class_entropy_bits"] <= np.log2(10) + 1e-9
+    assert report["eta"] == 0.0
+
+    # --eta reaches the DDIM sampler: the same seed with eta 1 adds fresh noise at each step,
+    # so the samples, and with them the scores, differ from the deterministic run above.
+    run_script("evaluate.py", "--ckpt", str(ckpt), "--num_samples", "20", "--sampler", "ddim",
+               "--steps", "2", "--eta", "1", "--device", "cpu", "--data_dir", tiny_mnist,
+               "--classifier", str(classifier), "--json", str(out))
+    noisy = json.loads(out.read_text())
+    assert noisy["eta"] == 1.0 and noisy["results"][0]["fid"] != row["fid"]
+    assert "--eta is a DDIM option" in _error_line(capsys, ["--ckpt", str(ckpt), "--eta", "0.5"])
