@@ -39,8 +39,8 @@ from tqdm import tqdm
 
 import sampling
 from checkpoint import load_model, one_line_reason, save_checkpoint
-from cli import (PRETRAINED, add_eta_arg, add_sampler_args, add_variance_arg, check_sampler_options, load_guide, resolve_steps,
-                 run_main)
+from cli import (PRETRAINED, add_eta_arg, add_sampler_args, add_variance_arg, check_sampler_options, load_guide,
+                 resolve_steps, run_main)
 from data import MNIST_CLASSES, load_mnist, resize_images, to_model_range
 from images import check_output_file
 from options import (AMP_DTYPES, ArgumentParser, UsageError, add_device_arg, add_precision_arg, guidance_list,
@@ -401,7 +401,8 @@ def evaluate(args):
         "checkpoint": args.ckpt, "kind": ckpt["kind"], "num_classes": model.num_classes,
         "use_ema": not args.no_ema,
         "guide_epoch": ckpt["args"].get("guide_epoch") if guide is not None else None,
-        "num_samples": args.num_samples, "sampler": args.sampler, "steps": steps, "eta": args.eta, "variance": args.variance,
+        "num_samples": args.num_samples, "sampler": args.sampler, "steps": steps, "eta": args.eta,
+        "variance": args.variance,
         "seed": args.seed, "device": str(device),
         "precision": precision,
         "classifier": {"path": args.classifier, "test_acc": classifier_acc},

@@ -221,7 +221,8 @@ def training_step(model, scheduler, optimizer, x0, labels=None, *, amp_dtype=Non
         loss = F.mse_loss(output.float(), target)
     else:
         per_image = (output.float() - target).pow(2).flatten(1).mean(dim=1)  # (B,)
-        weights = all_weights.mean() if importance_sampling else scheduler.min_snr_weights(t, min_snr_gamma)  # () or (B,)
+        # () under importance sampling, else the (B,) weights of the drawn t
+        weights = all_weights.mean() if importance_sampling else scheduler.min_snr_weights(t, min_snr_gamma)
         loss = (weights * per_image).mean()
     optimizer.zero_grad(set_to_none=True)
     if grad_scaler is None:

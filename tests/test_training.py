@@ -163,8 +163,9 @@ class FixedOutput(torch.nn.Module):
 def test_training_loss_is_the_x0_error_weighted_by_its_closed_form(prediction, gamma):
     """Written as an error on the clean image, the eps loss weighs each timestep by SNR_t, the
     v loss by SNR_t + 1 (Salimans & Ho), and min-SNR-gamma by min(SNR_t, gamma) whatever the
-    target (Hang et al. 2023); gamma 0 (--min_snr_gamma 0) or None is no weighting. The x0 the model implies is computed here in float64 from the
-    definitions: x0_hat = (x_t - s eps_hat) / a for eps, a x_t - s v_hat for v."""
+    target (Hang et al. 2023); gamma 0 (--min_snr_gamma 0) or None is no weighting. The x0 the
+    model implies is computed here in float64 from the definitions: x0_hat = (x_t - s eps_hat) / a
+    for eps, a x_t - s v_hat for v."""
     from scheduler import NoiseScheduler
     from tests.conftest import ref_alphas_cumprod
     from training import training_step
