@@ -23,6 +23,10 @@ SCHEDULES = ("linear", "cosine")
 # What the network outputs: the noise eps (Ho et al.) or the velocity
 # v = sqrt(ab_t) eps - sqrt(1 - ab_t) x0 (Salimans & Ho 2022, "Progressive Distillation", sec. 4).
 PREDICTIONS = ("eps", "v")
+# How training weighs each timestep's loss (training.training_step): "min_snr" by min(SNR_t, gamma)
+# on the x0 error (Hang et al. 2023; gamma 0: every timestep the same), "p2" by SNR_t / (1 + SNR_t)
+# on it (Choi et al. 2022, with k = gamma = 1).
+LOSS_WEIGHTINGS = ("min_snr", "p2")
 # The linear schedule's beta_start and beta_end are given for this many steps (Ho et al.:
 # 1e-4 and 0.02 at T = 1000) and scaled by LINEAR_REFERENCE_TIMESTEPS / T for another T.
 LINEAR_REFERENCE_TIMESTEPS = 1000
@@ -288,6 +292,21 @@ class NoiseScheduler:
         snr = self.snr[t.to(self.snr.device)]
         denominator = snr if self.prediction == "eps" else snr + 1
         return (snr.clamp(max=gamma) / denominator).to(t.device)
+
+    def p2_weights(self, t):
+        """(B,) float32 P2 loss weights (Choi et al. 2022, "Perception Prioritized Training of
+        Diffusion Models", eq. 8 with k = 1 and gamma = 1).
+
+        The noise error is weighted by 1 / (k + SNR_t)^gamma = 1 / (1 + SNR_t), i.e. the x0 error by
+        SNR_t / (1 + SNR_t): min-SNR's SNR_t on the noisy steps (SNR_t << 1), where a sample's shape
+        is decided (the paper's "content" stage, SNR 1e-2 to 1), but levelling off at 1 on the
+        nearly clean ones, where min-SNR-5 gives up to 5. As for min_snr_weights, the model's own
+        loss already carries SNR_t ("eps") or SNR_t + 1 ("v") times the x0 error, so the weight
+        is 1 / (1 + SNR_t) for "eps" and SNR_t / (1 + SNR_t)^2 for "v".
+        """
+        snr = self.snr[t.to(self.snr.device)]
+        denominator = snr if self.prediction == "eps" else snr + 1
+        return (snr / (1 + snr) / denominator).to(t.device)
 
     # ----------------------------------------------------------------- sampling
 

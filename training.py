@@ -33,7 +33,7 @@ from options import (AMP_DTYPES, UsageError, add_device_arg, add_precision_arg, 
                      nonnegative_int, positive_int, probability, resolve_device, resolve_precision)
 from sampling import (DEFAULT_AUTOGUIDANCE_SCALE, DEFAULT_GUIDANCE_SCALE, PREVIEW_SAMPLER, PREVIEW_STEPS,
                       generate_images)
-from scheduler import PREDICTIONS, SCHEDULES, NoiseScheduler
+from scheduler import LOSS_WEIGHTINGS, PREDICTIONS, SCHEDULES, NoiseScheduler
 
 LOG_EVERY = 10  # optimizer steps between rows of metrics.csv (and progress-bar updates)
 
@@ -71,13 +71,17 @@ def add_training_args(parser, *, img_size, patch_size, save_dir, epochs, batch_s
     group.add_argument("--prediction", choices=PREDICTIONS, default="v",
                        help="what the model outputs: the noise (eps) or the velocity v = sqrt(ab_t) eps - "
                             "sqrt(1-ab_t) x0 (Salimans & Ho)")
+    group.add_argument("--loss_weighting", choices=LOSS_WEIGHTINGS, default="min_snr",
+                       help="how each timestep's loss is weighted: min_snr, by min-SNR-gamma (Hang et "
+                            "al.); p2, by P2 (Choi et al.; k = gamma = 1), which keeps the weight of the "
+                            "noisy steps and lowers that of the nearly clean ones")
     group.add_argument("--min_snr_gamma", type=nonnegative_float, default=5.0,
-                       help="weight each timestep's loss by min-SNR-gamma (Hang et al.; 5 in the paper); "
+                       help="the gamma of --loss_weighting min_snr (5 in the paper); "
                             "0: every timestep weighs the same")
     group.add_argument("--importance_sampling", action="store_true",
-                       help="with a min-SNR gamma above 0: draw each t in proportion to its min-SNR weight "
-                            "instead of uniformly, and drop the weight (the same expected loss, no "
-                            "steps spent on timesteps that weigh next to nothing)")
+                       help="with loss weights (p2, or min_snr with a gamma above 0): draw each t in "
+                            "proportion to its weight instead of uniformly, and drop the weight (the same "
+                            "expected loss, no steps spent on timesteps that weigh next to nothing)")
 
     group = parser.add_argument_group("optimisation")
     group.add_argument("--epochs", type=positive_int, default=epochs, help="passes over the data")
@@ -183,16 +187,29 @@ def write_options_file(args, parser, path):
 # The training step
 
 
+def loss_weights(scheduler, t, loss_weighting="min_snr", min_snr_gamma=None):
+    """(B,) loss weights of the timesteps t (B,) under `loss_weighting` (LOSS_WEIGHTINGS), or None
+    where every timestep weighs the same ("min_snr" with min_snr_gamma None or 0)."""
+    if loss_weighting == "p2":
+        return scheduler.p2_weights(t)
+    if loss_weighting != "min_snr":
+        raise ValueError(f"unknown loss_weighting {loss_weighting!r}; expected one of {LOSS_WEIGHTINGS}")
+    return scheduler.min_snr_weights(t, min_snr_gamma) if min_snr_gamma else None
+
+
 def training_step(model, scheduler, optimizer, x0, labels=None, *, amp_dtype=None, grad_scaler=None,
-                  grad_clip=0.0, min_snr_gamma=None, importance_sampling=False, t=None, noise=None):
+                  grad_clip=0.0, loss_weighting="min_snr", min_snr_gamma=None, importance_sampling=False,
+                  t=None, noise=None):
     """One optimizer step on the DDPM loss, returns the (detached) loss.
 
         t ~ U{0, ..., T-1},  eps ~ N(0, I),  x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps
         loss = mean_b w(t_b) || target_b - model(x_t, t [, y])_b ||^2 / (C H W)
 
     target: eps, or v = sqrt(ab_t) eps - sqrt(1 - ab_t) x0 for a scheduler with prediction
-    "v"; w = 1 when `min_snr_gamma` is None or 0, else its min-SNR weights (scheduler.min_snr_weights).
-    importance_sampling (needs min_snr_gamma > 0): t ~ P(t) = w(t) / sum_s w(s) and every image
+    "v"; w = loss_weights(scheduler, t, loss_weighting, min_snr_gamma): P2's weights
+    (scheduler.p2_weights), min-SNR's (scheduler.min_snr_weights), or 1 for "min_snr" with
+    `min_snr_gamma` None or 0.
+    importance_sampling (needs weights): t ~ P(t) = w(t) / sum_s w(s) and every image
     weighs mean_s w(s), an estimate of the same expected loss,
         E_{t~U}[w(t) L_t] = (1/T) sum_t w(t) L_t = mean_s w(s) * E_{t~P}[L_t],
     without the images a uniform draw spends on timesteps of weight near 0 (with v and
@@ -205,11 +222,13 @@ def training_step(model, scheduler, optimizer, x0, labels=None, *, amp_dtype=Non
     given (tests do, to compare runs). Under DDP `model` is the DistributedDataParallel
     wrapper, whose backward averages the gradients over ranks.
     """
-    if importance_sampling and not min_snr_gamma:
-        raise ValueError("importance_sampling draws t by the min-SNR weights: it needs min_snr_gamma > 0")
+    weighted = loss_weighting == "p2" or bool(min_snr_gamma)
+    if importance_sampling and not weighted:
+        raise ValueError("importance_sampling draws t by the loss weights: it needs loss_weighting 'p2' "
+                         "or min_snr_gamma > 0")
     if importance_sampling:
-        all_weights = scheduler.min_snr_weights(torch.arange(scheduler.num_timesteps, device=x0.device),
-                                                min_snr_gamma)  # (T,)
+        all_weights = loss_weights(scheduler, torch.arange(scheduler.num_timesteps, device=x0.device),
+                                   loss_weighting, min_snr_gamma)  # (T,)
     if t is None:
         t = scheduler.sample_timesteps(x0.shape[0], device=x0.device,
                                        weights=all_weights if importance_sampling else None)
@@ -217,12 +236,13 @@ def training_step(model, scheduler, optimizer, x0, labels=None, *, amp_dtype=Non
     target = scheduler.training_target(x0, noise, t)
     with torch.autocast(x0.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         output = model(x_t, t) if labels is None else model(x_t, t, labels)
-    if not min_snr_gamma:  # None or 0: every timestep weighs the same
+    if not weighted:  # every timestep weighs the same
         loss = F.mse_loss(output.float(), target)
     else:
         per_image = (output.float() - target).pow(2).flatten(1).mean(dim=1)  # (B,)
         # () under importance sampling, else the (B,) weights of the drawn t
-        weights = all_weights.mean() if importance_sampling else scheduler.min_snr_weights(t, min_snr_gamma)
+        weights = (all_weights.mean() if importance_sampling
+                   else loss_weights(scheduler, t, loss_weighting, min_snr_gamma))
         loss = (weights * per_image).mean()
     optimizer.zero_grad(set_to_none=True)
     if grad_scaler is None:
@@ -486,9 +506,10 @@ def train(run, ranks=Ranks(), device=None):
     stop_every_rank_unless_writable(args.save_dir, ranks)
     if run.resume is not None:
         refuse_other_batches_mid_epoch(args, run.resume, ranks.world_size)
-    if args.importance_sampling and not args.min_snr_gamma:  # 0, or None in older checkpoints
-        raise UsageError("--importance_sampling draws timesteps by their min-SNR weights: "
-                         "it needs --min_snr_gamma above 0")
+    if args.importance_sampling and args.loss_weighting == "min_snr" and not args.min_snr_gamma:
+        # gamma 0, or None in older checkpoints
+        raise UsageError("--importance_sampling draws timesteps by their loss weights: "
+                         "it needs --loss_weighting p2 or --min_snr_gamma above 0")
     guide_epoch = getattr(args, "guide_epoch", None)  # model A's option
     if guide_epoch is not None and guide_epoch >= args.epochs:
         raise UsageError(f"--guide_epoch {guide_epoch} must be less than --epochs {args.epochs}: "
@@ -595,7 +616,7 @@ def train(run, ranks=Ranks(), device=None):
                 step_model = train_model if len(x0) == args.batch_size else eager_model
                 loss = training_step(step_model, scheduler, optimizer, x0, y, amp_dtype=amp_dtype,
                                      grad_scaler=grad_scaler, grad_clip=args.grad_clip,
-                                     min_snr_gamma=args.min_snr_gamma,
+                                     loss_weighting=args.loss_weighting, min_snr_gamma=args.min_snr_gamma,
                                      importance_sampling=args.importance_sampling)
                 ema.update(model)
                 step, batch_in_epoch = step + 1, batch_in_epoch + 1

@@ -542,3 +542,20 @@ def test_min_snr_weights_closed_form(schedule, prediction):
     weights = NoiseScheduler(schedule=schedule, prediction=prediction).min_snr_weights(torch.arange(T), 5.0)
     assert weights.shape == (T,) and weights.dtype == torch.float32
     np.testing.assert_allclose(np_(weights), expected, rtol=2e-5, atol=0)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_p2_weights_closed_form(schedule, prediction):
+    """Choi et al. 2022 with k = gamma = 1: the noise error weighs 1 / (1 + SNR), so an eps model's
+    weight is 1 / (1 + SNR) and a v model's, whose error is (SNR + 1) / SNR times the noise
+    error, SNR / (1 + SNR)^2. From the float64 schedule; the noisiest steps weigh as under min-SNR."""
+    ab = ref_alphas_cumprod(schedule, T)[1]
+    snr = ab / (1 - ab)
+    expected = 1 / (1 + snr) if prediction == "eps" else snr / (1 + snr) ** 2
+    scheduler = NoiseScheduler(schedule=schedule, prediction=prediction)
+    weights = scheduler.p2_weights(torch.arange(T))
+    assert weights.shape == (T,) and weights.dtype == torch.float32
+    np.testing.assert_allclose(np_(weights), expected, rtol=2e-5, atol=0)
+    noisy = torch.from_numpy(np.flatnonzero(snr < 1e-3))  # where min(SNR, 5) / (1 + SNR) ~ SNR / (1 + SNR)
+    np.testing.assert_allclose(np_(weights[noisy]), np_(scheduler.min_snr_weights(noisy, 5.0)), rtol=2e-3)

@@ -71,9 +71,9 @@ def test_train_writes_a_plain_checkpoint_and_preview(run_a):
 
 
 def test_prediction_and_loss_weighting_live_in_the_checkpoint(tiny_mnist, tmp_path, monkeypatch, capsys):
-    """--prediction and --min_snr_gamma (by default v and 5) reach the training loss, are
-    stored, and the checkpoint's schedule tells sampling how to read the output; a resume keeps
-    the target; a checkpoint written before --prediction existed loads as an eps model."""
+    """--prediction, --loss_weighting and --min_snr_gamma (by default v, min_snr and 5) reach the
+    training loss, are stored, and the checkpoint's schedule tells sampling how to read the output;
+    a resume keeps the target; a checkpoint written before --prediction existed loads as an eps model."""
     from checkpoint import build_model
 
     recipe = ["--data_dir", tiny_mnist, *TINY_RUN, "--precision", "fp32", "--max_steps", "3"]
@@ -89,6 +89,13 @@ def test_prediction_and_loss_weighting_live_in_the_checkpoint(tiny_mnist, tmp_pa
     assert eps_ckpt["args"]["min_snr_gamma"] == 0.0 and eps_ckpt["args"]["importance_sampling"] is False
     # the same start, data and noise: only the target and the weights differ, so do the weights after
     assert not torch.equal(ckpt["model"]["final_layer.linear.bias"], eps_ckpt["model"]["final_layer.linear.bias"])
+    assert ckpt["args"]["loss_weighting"] == "min_snr"
+    # P2 instead of min-SNR, all else the same: stored, and the weights after 3 steps differ
+    run_script("train.py", *recipe, "--save_dir", str(tmp_path / "p2"), "--importance_sampling",
+               "--loss_weighting", "p2")
+    p2_ckpt = load_checkpoint(str(tmp_path / "p2" / "ckpt_final.pt"))
+    assert p2_ckpt["args"]["loss_weighting"] == "p2"
+    assert not torch.equal(ckpt["model"]["final_layer.linear.bias"], p2_ckpt["model"]["final_layer.linear.bias"])
 
     message = error_of(train.main, ["--resume", str(tmp_path / "v" / "ckpt_final.pt"), "--prediction", "eps"],
                        monkeypatch, capsys)
@@ -298,7 +305,7 @@ def fail_if_called(what):
     (train.main, ["--img_size", "30", "--patch_size", "4"], "divisible by patch_size"),
     (train.main, ["--num_workers", "-1"], "must be an integer >= 0"),
     (train_cfg.main, ["--cond_tokens", "1"], "cond_tokens must be an integer >= 2"),
-    (train.main, ["--importance_sampling", "--min_snr_gamma", "0"], "needs --min_snr_gamma above 0"),
+    (train.main, ["--importance_sampling", "--min_snr_gamma", "0"], "needs --loss_weighting p2 or --min_snr_gamma above 0"),
     (train.main, ["--epochs", "3", "--guide_epoch", "3"], "must be less than --epochs 3"),
     # a save_dir that cannot be created: its parent, or the path itself, is a regular file
     (train.main, ["--save_dir", "{tmp}/a_file/run"], "cannot write files in the output directory"),

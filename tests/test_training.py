@@ -159,11 +159,12 @@ class FixedOutput(torch.nn.Module):
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])
-@pytest.mark.parametrize("gamma", [None, 0.0, 5.0])
-def test_training_loss_is_the_x0_error_weighted_by_its_closed_form(prediction, gamma):
+@pytest.mark.parametrize("weighting,gamma", [("min_snr", None), ("min_snr", 0.0), ("min_snr", 5.0), ("p2", None)])
+def test_training_loss_is_the_x0_error_weighted_by_its_closed_form(prediction, weighting, gamma):
     """Written as an error on the clean image, the eps loss weighs each timestep by SNR_t, the
-    v loss by SNR_t + 1 (Salimans & Ho), and min-SNR-gamma by min(SNR_t, gamma) whatever the
-    target (Hang et al. 2023); gamma 0 (--min_snr_gamma 0) or None is no weighting. The x0 the
+    v loss by SNR_t + 1 (Salimans & Ho), min-SNR-gamma by min(SNR_t, gamma) whatever the
+    target (Hang et al. 2023), and P2 by SNR_t / (1 + SNR_t) (Choi et al. 2022, k = gamma = 1);
+    gamma 0 (--min_snr_gamma 0) or None is no weighting. The x0 the
     model implies is computed here in float64 from the definitions: x0_hat = (x_t - s eps_hat) / a
     for eps, a x_t - s v_hat for v."""
     from scheduler import NoiseScheduler
@@ -177,13 +178,15 @@ def test_training_loss_is_the_x0_error_weighted_by_its_closed_form(prediction, g
     noise, out = torch.randn(6, 1, 4, 4, generator=gen), torch.randn(6, 1, 4, 4, generator=gen)
     model = FixedOutput(out)
     loss = training_step(model, NoiseScheduler(prediction=prediction), make_optimizer(model, 1e-3, "cpu"),
-                         x0, min_snr_gamma=gamma, t=t, noise=noise)
+                         x0, loss_weighting=weighting, min_snr_gamma=gamma, t=t, noise=noise)
 
     a, s = ab[t].sqrt().view(-1, 1, 1, 1), (1 - ab[t]).sqrt().view(-1, 1, 1, 1)
     x_t = a * x0.double() + s * noise.double()
     x0_hat = (x_t - s * out.double()) / a if prediction == "eps" else a * x_t - s * out.double()
     snr = ab[t] / (1 - ab[t])
-    if gamma:
+    if weighting == "p2":
+        weight = snr / (1 + snr)
+    elif gamma:
         weight = snr.clamp(max=gamma)
     else:
         weight = snr if prediction == "eps" else snr + 1
@@ -192,25 +195,29 @@ def test_training_loss_is_the_x0_error_weighted_by_its_closed_form(prediction, g
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])
-def test_importance_sampled_loss_weighs_every_image_by_the_mean_weight(prediction):
+@pytest.mark.parametrize("weighting", ["min_snr", "p2"])
+def test_importance_sampled_loss_weighs_every_image_by_the_mean_weight(prediction, weighting):
     """--importance_sampling: t is drawn with P(t) = w(t) / sum w and each image's error weighs
     mean_s w(s), so that E_P[mean(w) L_t] = (1/T) sum_t w(t) L_t, the uniformly drawn weighted
-    loss. For given t the loss is mean(w) times the plain squared error of the target, with
-    w = min(SNR, 5) / SNR (eps) or / (SNR + 1) (v) from the float64 schedule."""
+    loss. For given t the loss is mean(w) times the plain squared error of the target, with the
+    x0 weight min(SNR, 5) or SNR / (1 + SNR) (P2) divided by SNR (eps) or SNR + 1 (v), from the
+    float64 schedule."""
     from scheduler import NoiseScheduler
     from tests.conftest import ref_alphas_cumprod
     from training import training_step
 
     ab = torch.from_numpy(ref_alphas_cumprod("linear")[1])
     snr = ab / (1 - ab)
-    mean_weight = (snr.clamp(max=5) / (snr if prediction == "eps" else snr + 1)).mean()
+    x0_weight = snr.clamp(max=5) if weighting == "min_snr" else snr / (1 + snr)
+    mean_weight = (x0_weight / (snr if prediction == "eps" else snr + 1)).mean()
     gen = torch.Generator().manual_seed(0)
     t = torch.tensor([0, 40, 500, 999])
     x0 = torch.rand(4, 1, 4, 4, generator=gen) * 2 - 1
     noise, out = torch.randn(4, 1, 4, 4, generator=gen), torch.randn(4, 1, 4, 4, generator=gen)
     model = FixedOutput(out)
     loss = training_step(model, NoiseScheduler(prediction=prediction), make_optimizer(model, 1e-3, "cpu"),
-                         x0, min_snr_gamma=5.0, importance_sampling=True, t=t, noise=noise)
+                         x0, loss_weighting=weighting, min_snr_gamma=5.0, importance_sampling=True,
+                         t=t, noise=noise)
 
     a, s = ab[t].sqrt().view(-1, 1, 1, 1), (1 - ab[t]).sqrt().view(-1, 1, 1, 1)
     target = noise.double() if prediction == "eps" else a * noise.double() - s * x0.double()
@@ -219,7 +226,7 @@ def test_importance_sampled_loss_weighs_every_image_by_the_mean_weight(predictio
 
 
 @pytest.mark.parametrize("gamma", [None, 0.0])
-def test_importance_sampling_needs_the_min_snr_weights(gamma):
+def test_importance_sampling_needs_loss_weights(gamma):
     from scheduler import NoiseScheduler
     from training import training_step
 
@@ -227,3 +234,13 @@ def test_importance_sampling_needs_the_min_snr_weights(gamma):
     with pytest.raises(ValueError, match="min_snr_gamma"):
         training_step(model, NoiseScheduler(), make_optimizer(model, 1e-3, "cpu"), torch.zeros(2, 1, 4, 4),
                       min_snr_gamma=gamma, importance_sampling=True)
+
+
+def test_unknown_loss_weighting_is_refused():
+    from scheduler import NoiseScheduler
+    from training import training_step
+
+    model = FixedOutput(torch.zeros(2, 1, 4, 4))
+    with pytest.raises(ValueError, match="unknown loss_weighting 'snr'"):
+        training_step(model, NoiseScheduler(), make_optimizer(model, 1e-3, "cpu"), torch.zeros(2, 1, 4, 4),
+                      loss_weighting="snr", min_snr_gamma=5.0)
