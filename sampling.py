@@ -184,9 +184,11 @@ DEFAULT_SAMPLER = "dpm++2m"
 # (after 2 of 3 epochs: 97.1% at 3, 99.4% at 5): sweep your own.
 DEFAULT_GUIDANCE_SCALE = 3.0
 # Autoguidance of model A (autoguided_fn): chosen by `evaluate.py --guidance_sweep` on both A
-# recipes (docs/results.md): MNIST-FID is lowest at 3 with each recipe's guide (dit_cpu.args,
-# guide of epoch 3: 4.89 / 3.88 / 4.21 at 2 / 3 / 4; dit_cpu_avx2.args, epoch 2: 8.62 / 7.08 at
-# 2 / 3), while the confidence rises slowly with the scale (0.896 / 0.912 / 0.916).
+# recipes with min-SNR weights (docs/results.md): MNIST-FID is lowest at 3 with each recipe's guide
+# (dit_cpu.args with min-SNR, guide of epoch 3: 4.89 / 3.88 / 4.21 at 2 / 3 / 4; dit_cpu_avx2.args,
+# epoch 2: 8.62 / 7.08 at 2 / 3), while the confidence rises slowly with the scale (0.896 / 0.912 /
+# 0.916). dit_cpu.args with P2 weights reads better at 4 (over seeds 0-2: FID 2.40 vs 2.56,
+# confidence 0.941 vs 0.931), measured on that one model only, so the default stays 3.
 DEFAULT_AUTOGUIDANCE_SCALE = 3.0
 
 
