@@ -187,14 +187,9 @@ def write_options_file(args, parser, path):
 # The training step
 
 
-def loss_weights(scheduler, t, loss_weighting="min_snr", min_snr_gamma=None):
-    """(B,) loss weights of the timesteps t (B,) under `loss_weighting` (LOSS_WEIGHTINGS), or None
-    where every timestep weighs the same ("min_snr" with min_snr_gamma None or 0)."""
-    if loss_weighting == "p2":
-        return scheduler.p2_weights(t)
-    if loss_weighting != "min_snr":
-        raise ValueError(f"unknown loss_weighting {loss_weighting!r}; expected one of {LOSS_WEIGHTINGS}")
-    return scheduler.min_snr_weights(t, min_snr_gamma) if min_snr_gamma else None
+def loss_weights(scheduler, t, loss_weighting, min_snr_gamma):
+    """(B,) loss weights of the timesteps t (B,): P2's for "p2", else min-SNR-gamma's."""
+    return scheduler.p2_weights(t) if loss_weighting == "p2" else scheduler.min_snr_weights(t, min_snr_gamma)
 
 
 def training_step(model, scheduler, optimizer, x0, labels=None, *, amp_dtype=None, grad_scaler=None,
@@ -206,9 +201,8 @@ def training_step(model, scheduler, optimizer, x0, labels=None, *, amp_dtype=Non
         loss = mean_b w(t_b) || target_b - model(x_t, t [, y])_b ||^2 / (C H W)
 
     target: eps, or v = sqrt(ab_t) eps - sqrt(1 - ab_t) x0 for a scheduler with prediction
-    "v"; w = loss_weights(scheduler, t, loss_weighting, min_snr_gamma): P2's weights
-    (scheduler.p2_weights), min-SNR's (scheduler.min_snr_weights), or 1 for "min_snr" with
-    `min_snr_gamma` None or 0.
+    "v"; w: P2's weights (scheduler.p2_weights) for loss_weighting "p2", min-SNR's
+    (scheduler.min_snr_weights) for "min_snr", or 1 for "min_snr" with `min_snr_gamma` None or 0.
     importance_sampling (needs weights): t ~ P(t) = w(t) / sum_s w(s) and every image
     weighs mean_s w(s), an estimate of the same expected loss,
         E_{t~U}[w(t) L_t] = (1/T) sum_t w(t) L_t = mean_s w(s) * E_{t~P}[L_t],
@@ -222,7 +216,9 @@ def training_step(model, scheduler, optimizer, x0, labels=None, *, amp_dtype=Non
     given (tests do, to compare runs). Under DDP `model` is the DistributedDataParallel
     wrapper, whose backward averages the gradients over ranks.
     """
-    weighted = loss_weighting == "p2" or bool(min_snr_gamma)
+    if loss_weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"unknown loss_weighting {loss_weighting!r}; expected one of {LOSS_WEIGHTINGS}")
+    weighted = loss_weighting == "p2" or bool(min_snr_gamma)  # else every timestep weighs the same
     if importance_sampling and not weighted:
         raise ValueError("importance_sampling draws t by the loss weights: it needs loss_weighting 'p2' "
                          "or min_snr_gamma > 0")
@@ -236,7 +232,7 @@ def training_step(model, scheduler, optimizer, x0, labels=None, *, amp_dtype=Non
     target = scheduler.training_target(x0, noise, t)
     with torch.autocast(x0.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         output = model(x_t, t) if labels is None else model(x_t, t, labels)
-    if not weighted:  # every timestep weighs the same
+    if not weighted:
         loss = F.mse_loss(output.float(), target)
     else:
         per_image = (output.float() - target).pow(2).flatten(1).mean(dim=1)  # (B,)
