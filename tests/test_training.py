@@ -236,11 +236,12 @@ def test_importance_sampling_needs_loss_weights(gamma):
                       min_snr_gamma=gamma, importance_sampling=True)
 
 
-def test_unknown_loss_weighting_is_refused():
+@pytest.mark.parametrize("gamma", [0.0, 5.0])
+def test_unknown_loss_weighting_is_refused(gamma):
     from scheduler import NoiseScheduler
     from training import training_step
 
     model = FixedOutput(torch.zeros(2, 1, 4, 4))
     with pytest.raises(ValueError, match="unknown loss_weighting 'snr'"):
         training_step(model, NoiseScheduler(), make_optimizer(model, 1e-3, "cpu"), torch.zeros(2, 1, 4, 4),
-                      loss_weighting="snr", min_snr_gamma=5.0)
+                      loss_weighting="snr", min_snr_gamma=gamma)
