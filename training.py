@@ -187,6 +187,11 @@ def write_options_file(args, parser, path):
 # The training step
 
 
+def has_loss_weights(loss_weighting, min_snr_gamma):
+    """False where every timestep weighs the same: "min_snr" with gamma None (older checkpoints) or 0."""
+    return loss_weighting == "p2" or bool(min_snr_gamma)
+
+
 def loss_weights(scheduler, t, loss_weighting, min_snr_gamma):
     """(B,) loss weights of the timesteps t (B,): P2's for "p2", else min-SNR-gamma's."""
     return scheduler.p2_weights(t) if loss_weighting == "p2" else scheduler.min_snr_weights(t, min_snr_gamma)
@@ -218,7 +223,7 @@ def training_step(model, scheduler, optimizer, x0, labels=None, *, amp_dtype=Non
     """
     if loss_weighting not in LOSS_WEIGHTINGS:
         raise ValueError(f"unknown loss_weighting {loss_weighting!r}; expected one of {LOSS_WEIGHTINGS}")
-    weighted = loss_weighting == "p2" or bool(min_snr_gamma)  # else every timestep weighs the same
+    weighted = has_loss_weights(loss_weighting, min_snr_gamma)
     if importance_sampling and not weighted:
         raise ValueError("importance_sampling draws t by the loss weights: it needs loss_weighting 'p2' "
                          "or min_snr_gamma > 0")
@@ -502,8 +507,7 @@ def train(run, ranks=Ranks(), device=None):
     stop_every_rank_unless_writable(args.save_dir, ranks)
     if run.resume is not None:
         refuse_other_batches_mid_epoch(args, run.resume, ranks.world_size)
-    if args.importance_sampling and args.loss_weighting == "min_snr" and not args.min_snr_gamma:
-        # gamma 0, or None in older checkpoints
+    if args.importance_sampling and not has_loss_weights(args.loss_weighting, args.min_snr_gamma):
         raise UsageError("--importance_sampling draws timesteps by their loss weights: "
                          "it needs --loss_weighting p2 or --min_snr_gamma above 0")
     guide_epoch = getattr(args, "guide_epoch", None)  # model A's option

@@ -305,7 +305,8 @@ def fail_if_called(what):
     (train.main, ["--img_size", "30", "--patch_size", "4"], "divisible by patch_size"),
     (train.main, ["--num_workers", "-1"], "must be an integer >= 0"),
     (train_cfg.main, ["--cond_tokens", "1"], "cond_tokens must be an integer >= 2"),
-    (train.main, ["--importance_sampling", "--min_snr_gamma", "0"], "needs --loss_weighting p2 or --min_snr_gamma above 0"),
+    (train.main, ["--importance_sampling", "--min_snr_gamma", "0"],
+     "needs --loss_weighting p2 or --min_snr_gamma above 0"),
     (train.main, ["--epochs", "3", "--guide_epoch", "3"], "must be less than --epochs 3"),
     # a save_dir that cannot be created: its parent, or the path itself, is a regular file
     (train.main, ["--save_dir", "{tmp}/a_file/run"], "cannot write files in the output directory"),
