@@ -183,15 +183,13 @@ DEFAULT_SAMPLER = "dpm++2m"
 # 4.83); at 2 accuracy fell to 96-99%. Models stopped early read better at higher scales
 # (after 2 of 3 epochs: 97.1% at 3, 99.4% at 5): sweep your own.
 DEFAULT_GUIDANCE_SCALE = 3.0
-# Autoguidance of model A (autoguided_fn): chosen by `evaluate.py --guidance_sweep` on both A
-# recipes with min-SNR weights (docs/results.md): MNIST-FID is lowest at 3 with each recipe's guide
-# (dit_cpu.args with min-SNR, guide of epoch 3: 4.89 / 3.88 / 4.21 at 2 / 3 / 4; dit_cpu_avx2.args,
-# epoch 2: 8.62 / 7.08 at 2 / 3), while the confidence rises slowly with the scale (0.896 / 0.912 /
-# 0.916). With P2 weights and t drawn uniformly, dit_cpu.args reads better at 4 (over seeds 0-2:
-# FID 2.40 vs 2.56, confidence 0.941 vs 0.931); with its timesteps drawn by those weights (the
-# recipe, 22 epochs) 2.63 / 0.961 at 4 against 2.24 / 0.951 at 3 (seed 0), with fewer fives at 4
-# (6.0% against 6.2%). 3 stays the default: the lowest FID of both min-SNR recipes and of the
-# shipped recipe.
+# Autoguidance of model A (autoguided_fn): chosen by `evaluate.py --guidance_sweep` (seed 0,
+# docs/results.md). With min-SNR weights MNIST-FID is lowest at 3 on both A recipes with their
+# guides (dit_cpu.args, guide of epoch 3: 4.89 / 3.88 / 4.21 at 2 / 3 / 4; dit_cpu_avx2.args,
+# epoch 2: 8.62 / 7.08 at 2 / 3). With P2 weights and their draws (both recipes): dit_cpu.args
+# (22 epochs) 2.24 / 0.951 at 3 against 2.63 / 0.961 at 4, with fewer fives at 4 (6.0% against
+# 6.2%); dit_cpu_avx2.args 3.61 / 0.913 at 3 against 3.20 / 0.925 at 4 (digits 8.1-11.8% at
+# both). 3 stays the default: the lowest FID of the shipped model, whose balance 4 worsens.
 DEFAULT_AUTOGUIDANCE_SCALE = 3.0
 
 
