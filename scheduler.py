@@ -289,9 +289,7 @@ class NoiseScheduler:
         (||eps - eps_hat||^2 = SNR_t ||x0 - x0_hat||^2, ||v - v_hat||^2 = (SNR_t + 1) ||x0 - x0_hat||^2),
         so its weight is min(SNR_t, gamma) / SNR_t for "eps" and min(SNR_t, gamma) / (SNR_t + 1) for "v".
         """
-        snr = self.snr[t.to(self.snr.device)]
-        denominator = snr if self.prediction == "eps" else snr + 1
-        return (snr.clamp(max=gamma) / denominator).to(t.device)
+        return self._weights_of_x0_error(t, lambda snr: snr.clamp(max=gamma))
 
     def p2_weights(self, t):
         """(B,) float32 P2 loss weights (Choi et al. 2022, "Perception Prioritized Training of
@@ -304,9 +302,14 @@ class NoiseScheduler:
         loss already carries SNR_t ("eps") or SNR_t + 1 ("v") times the x0 error, so the weight
         is 1 / (1 + SNR_t) for "eps" and SNR_t / (1 + SNR_t)^2 for "v".
         """
+        return self._weights_of_x0_error(t, lambda snr: snr / (1 + snr))
+
+    def _weights_of_x0_error(self, t, x0_weight):
+        """(B,) float32 weights on this model's own loss that weigh its x0 error by x0_weight(SNR_t):
+        that loss is SNR_t ("eps") or SNR_t + 1 ("v") times the x0 error, so divide by it."""
         snr = self.snr[t.to(self.snr.device)]
-        denominator = snr if self.prediction == "eps" else snr + 1
-        return (snr / (1 + snr) / denominator).to(t.device)
+        own_factor = snr if self.prediction == "eps" else snr + 1
+        return (x0_weight(snr) / own_factor).to(t.device)
 
     # ----------------------------------------------------------------- sampling
 
