@@ -187,9 +187,10 @@ DEFAULT_GUIDANCE_SCALE = 3.0
 # docs/results.md). With min-SNR weights MNIST-FID is lowest at 3 on both A recipes with their
 # guides (dit_cpu.args, guide of epoch 3: 4.89 / 3.88 / 4.21 at 2 / 3 / 4; dit_cpu_avx2.args,
 # epoch 2: 8.62 / 7.08 at 2 / 3). With P2 weights and their draws (both recipes): dit_cpu.args
-# (22 epochs) 2.24 / 0.951 at 3 against 2.63 / 0.961 at 4, with fewer fives at 4 (6.0% against
-# 6.2%); dit_cpu_avx2.args 3.61 / 0.913 at 3 against 3.20 / 0.925 at 4 (digits 8.1-11.8% at
-# both). 3 stays the default: the lowest FID of the shipped model, whose balance 4 worsens.
+# (FID / confidence / least-most drawn digit) 2.01 / 0.938 / 6.3-12.0% at 2, 1.63 / 0.953 /
+# 7.4-12.8% at 3, 1.82 / 0.957 / 7.3-13.2% at 4; dit_cpu_avx2.args 3.61 / 0.913 at 3 against
+# 3.20 / 0.925 at 4 (digits 8.1-11.8% at both). 3 stays the default: the shipped model's lowest
+# FID and its only scale with every digit within 7-13%.
 DEFAULT_AUTOGUIDANCE_SCALE = 3.0
 
 
