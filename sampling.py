@@ -190,7 +190,7 @@ DEFAULT_GUIDANCE_SCALE = 3.0
 # (FID / confidence / least-most drawn digit) 2.01 / 0.938 / 6.3-12.0% at 2, 1.63 / 0.953 /
 # 7.4-12.8% at 3, 1.82 / 0.957 / 7.3-13.2% at 4; dit_cpu_avx2.args 3.61 / 0.913 at 3 against
 # 3.20 / 0.925 at 4 (digits 8.1-11.8% at both). 3 stays the default: the shipped model's lowest
-# FID and its only scale with every digit within 7-13%.
+# FID and, of 2, 3 and 4, the only scale with every digit within 7-13%.
 DEFAULT_AUTOGUIDANCE_SCALE = 3.0
 
 
