@@ -13,7 +13,6 @@ rank runs this same code; train_cfg_ddp.py only joins the process group around i
 import argparse
 import copy
 import csv
-import ctypes
 import itertools
 import os
 import signal
@@ -260,25 +259,6 @@ def training_step(model, scheduler, optimizer, x0, labels=None, *, amp_dtype=Non
         grad_scaler.step(optimizer)  # skipped when a gradient overflowed; S then shrinks
         grad_scaler.update()
     return loss.detach()
-
-
-def keep_freed_memory():
-    """Make glibc's malloc keep freed blocks of up to 32 MiB for reuse; True where it took.
-
-    By default glibc serves blocks above its mmap threshold (128 KiB at first, raised as such
-    blocks are freed) straight from the kernel and returns them on free, and trims the heap
-    whenever more than twice that threshold lies free at its top. A CPU training step allocates
-    and frees megabytes of activations and gradients, so each step faulted the same pages in
-    afresh: on 2 Zen 4 cores the recipe's loop spent ~20 s of 60 in the kernel (`time`'s sys)
-    and ran 776-815 img/s; with this, ~1 s and 922-1,040 img/s (docs/performance.md). The
-    pages stay with the process, which trains anyway. A no-op (False) outside glibc.
-    """
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
-    except (OSError, AttributeError):  # not Linux with glibc
-        return False
 
 
 def make_optimizer(model, lr, device):
@@ -538,8 +518,6 @@ def train(run, ranks=Ranks(), device=None):
     # tiny gradients late in training become float32 subnormals, which x86 CPUs process
     # up to ~10x slower; flushing them to zero costs nothing in accuracy
     torch.set_flush_denormal(True)
-    if device.type == "cpu":
-        keep_freed_memory()
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = run.model_class(**run.model_config).to(device)
     scheduler = NoiseScheduler(**run.scheduler_config, device=device)

@@ -1,12 +1,10 @@
-"""EMA, the learning-rate schedule and the optimizer, against closed forms; malloc's setting."""
-import platform
+"""EMA, the learning-rate schedule and the optimizer, against closed forms."""
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from ema import EMA
-from tests.conftest import run_script
 from training import learning_rate, make_optimizer
 
 
@@ -247,35 +245,3 @@ def test_unknown_loss_weighting_is_refused(gamma):
     with pytest.raises(ValueError, match="unknown loss_weighting 'snr'"):
         training_step(model, NoiseScheduler(), make_optimizer(model, 1e-3, "cpu"), torch.zeros(2, 1, 4, 4),
                       loss_weighting="snr", min_snr_gamma=gamma)
-
-
-# A step's worth of allocations: 16 blocks of 4 MiB written and freed, five times over; prints
-# the page faults of the last four rounds. Run in a fresh process, since malloc's settings are
-# the process's.
-_FAULTS_PER_ROUND = """
-import resource, sys
-import torch
-from training import keep_freed_memory
-if sys.argv[1] == "keep":
-    assert keep_freed_memory()
-def one_round():
-    blocks = [torch.ones(1 << 20) for _ in range(16)]
-    del blocks
-one_round()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(4):
-    one_round()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4)
-"""
-
-
-def test_keep_freed_memory_stops_a_step_from_faulting_its_pages_in_again():
-    if platform.libc_ver()[0] != "glibc":
-        pytest.skip("keep_freed_memory tunes glibc's malloc")
-    faults = {mode: float(run_script("-c", _FAULTS_PER_ROUND, mode).stdout.split()[-1])
-              for mode in ("default", "keep")}
-    # 64 MiB written per round is 16,384 pages of 4 KiB. By default glibc hands a share of
-    # them back at each free and faults them in again (4,300 or 16,400 per round on 2 Zen 4
-    # cores, from run to run); kept, they are reused (256)
-    assert faults["keep"] < 1024
-    assert faults["keep"] < faults["default"] / 8
