@@ -125,7 +125,7 @@ def test_keep_freed_memory_stops_a_step_from_faulting_its_pages_in_again():
     faults = {mode: float(run_script("-c", _FAULTS_PER_ROUND, mode).stdout.split()[-1])
               for mode in ("default", "keep")}
     # 64 MiB written per round is 16,384 pages of 4 KiB. By default glibc hands a share of
-    # them back at each free and faults them in again (4,300 or 16,400 per round on 2 Zen 4
+    # them back at each free and faults them in again (4,300 or 16,400 per round on 2 Zen 5
     # cores, from run to run); kept, they are reused (256)
     assert faults["keep"] < 1024
     assert faults["keep"] < faults["default"] / 8
