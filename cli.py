@@ -1,5 +1,6 @@
 """What the scripts share on top of the library: sampling options, loading a checkpoint to
-sample from, and one-line errors. (Option types, devices and precision: options.py.)"""
+sample from, and `run_main` (malloc keeping freed memory, one-line errors). (Option types,
+devices and precision: options.py.)"""
 import ctypes
 import os
 import sys
