@@ -79,6 +79,14 @@ def probability(text):
     return value
 
 
+def decay_below_one(text):
+    """A moving average's decay: 1 would never move (AdamW refuses it)."""
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
 def guidance_list(text):
     """'0,1,2,3,5' -> [0.0, 1.0, 2.0, 3.0, 5.0] (an argparse type)."""
     try:

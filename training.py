@@ -29,8 +29,9 @@ from checkpoint import MODEL_NAMES, clean_state_dict, load_checkpoint, save_chec
 from data import DataError, load_training_set, make_loader, to_model_range
 from ema import EMA
 from images import OutputError, check_output_dir, save_grid
-from options import (AMP_DTYPES, UsageError, add_device_arg, add_precision_arg, nonnegative_float,
-                     nonnegative_int, positive_int, probability, resolve_device, resolve_precision)
+from options import (AMP_DTYPES, UsageError, add_device_arg, add_precision_arg, decay_below_one,
+                     nonnegative_float, nonnegative_int, positive_int, probability, resolve_device,
+                     resolve_precision)
 from sampling import (DEFAULT_AUTOGUIDANCE_SCALE, DEFAULT_GUIDANCE_SCALE, PREVIEW_SAMPLER, PREVIEW_STEPS,
                       generate_images)
 from scheduler import LOSS_WEIGHTINGS, PREDICTIONS, SCHEDULES, NoiseScheduler
@@ -89,6 +90,9 @@ def add_training_args(parser, *, img_size, patch_size, save_dir, epochs, batch_s
                        help="images per optimizer step and process (under DDP the global batch "
                             "is batch_size * world_size)")
     group.add_argument("--lr", type=nonnegative_float, default=lr, help="AdamW peak learning rate")
+    group.add_argument("--adam_beta2", type=decay_below_one, default=0.999,
+                       help="AdamW's beta2, the decay of its running mean of squared gradients "
+                            "(0.99 averages over about 100 steps, 0.999 over about 1000)")
     group.add_argument("--warmup_steps", type=int, default=500,
                        help="linear learning-rate warm-up over this many optimizer steps")
     group.add_argument("--lr_decay_step", type=positive_int, default=None,
@@ -261,11 +265,11 @@ def training_step(model, scheduler, optimizer, x0, labels=None, *, amp_dtype=Non
     return loss.detach()
 
 
-def make_optimizer(model, lr, device):
-    """AdamW without weight decay. The fused kernel (one pass over all parameters) on CPU and
-    CUDA: it makes the AdamW step of a 2.3 M-parameter model several times faster on 2 CPU
-    cores (docs/performance.md)."""
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0,
+def make_optimizer(model, lr, device, beta2=0.999):
+    """AdamW without weight decay, betas (0.9, beta2). The fused kernel (one pass over all
+    parameters) on CPU and CUDA: it makes the AdamW step of a 2.3 M-parameter model several
+    times faster on 2 CPU cores (docs/performance.md)."""
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, beta2), weight_decay=0.0,
                              fused=torch.device(device).type in ("cpu", "cuda"))
 
 
@@ -473,7 +477,13 @@ def restore_training_state(resume, model, ema, optimizer, grad_scaler):
     it stopped: (epoch, step, batch_in_epoch, elapsed_s)."""
     model.load_state_dict(clean_state_dict(resume["model"]))
     ema.load_state_dict(clean_state_dict(resume["ema"]), resume["ema_updates"])
+    # load_state_dict also brings back the saved groups' hyperparameters: keep this run's
+    # (its --adam_beta2 given again), take only the moments and step counts
+    hyperparameters = [{key: value for key, value in group.items() if key != "params"}
+                       for group in optimizer.param_groups]
     optimizer.load_state_dict(resume["optimizer"])
+    for group, own in zip(optimizer.param_groups, hyperparameters):
+        group.update(own)
     if grad_scaler is not None and resume.get("grad_scaler"):
         grad_scaler.load_state_dict(resume["grad_scaler"])
     return resume["epoch"], resume["step"], resume["batch_in_epoch"], resume.get("elapsed_s", 0.0)
@@ -529,7 +539,7 @@ def train(run, ranks=Ranks(), device=None):
                          args.num_workers, pin_memory=device.type == "cuda" and args.num_workers > 0)
     steps_per_epoch = len(loader)
 
-    optimizer = make_optimizer(model, args.lr, device)
+    optimizer = make_optimizer(model, args.lr, device, args.adam_beta2)
     grad_scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     ema = EMA(model, args.ema_decay)
     epoch, step, batch_in_epoch, elapsed_before = 0, 0, 0, 0.0

@@ -308,11 +308,12 @@ def fail_if_called(what):
     (train.main, ["--importance_sampling", "--min_snr_gamma", "0"],
      "needs --loss_weighting p2 or --min_snr_gamma above 0"),
     (train.main, ["--epochs", "3", "--guide_epoch", "3"], "must be less than --epochs 3"),
+    (train.main, ["--adam_beta2", "1"], "must be in [0, 1), got 1"),
     # a save_dir that cannot be created: its parent, or the path itself, is a regular file
     (train.main, ["--save_dir", "{tmp}/a_file/run"], "cannot write files in the output directory"),
     (train.main, ["--save_dir", "{tmp}/a_file"], "cannot write files in the output directory"),
 ], ids=["model_shape", "num_workers", "cond_tokens", "importance_sampling_without_weights", "guide_epoch_too_late",
-        "save_dir_under_a_file", "save_dir_is_a_file"])
+        "adam_beta2_of_1", "save_dir_under_a_file", "save_dir_is_a_file"])
 def test_bad_training_options_stop_before_the_data_is_read(main, args, expected, tiny_mnist, tmp_path,
                                                            monkeypatch, capsys):
     (tmp_path / "a_file").write_text("not a directory")
@@ -557,6 +558,25 @@ def test_lr_decay_counts_epochs_when_a_run_resumes_with_another_batch_size(tiny_
     resumed = load_checkpoint(str(run / "ckpt_final.pt"))
     assert (resumed["epoch"], resumed["step"]) == (3, 7)
     assert resumed["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3 * 0.5 ** 2)
+
+
+def test_adam_beta2_reaches_the_optimizer_and_a_resume_keeps_or_overrides_it(tiny_mnist, tmp_path):
+    """The betas the optimizer stepped with are read from the saved optimizer state: the run's
+    --adam_beta2, the same again after `--resume` alone, and the new value when it is given with
+    the resume (the saved state's own betas must not win over the option)."""
+    run = tmp_path / "run"
+    train.main(["--data_dir", tiny_mnist, *TINY_RUN, "--precision", "fp32", "--save_dir", str(run),
+                "--max_steps", "2", "--adam_beta2", "0.95"])
+
+    def betas():
+        ckpt = load_checkpoint(str(run / "ckpt_final.pt"))
+        return ckpt["step"], ckpt["args"]["adam_beta2"], tuple(ckpt["optimizer"]["param_groups"][0]["betas"])
+
+    assert betas() == (2, 0.95, (0.9, 0.95))
+    train.main(["--resume", str(run / "ckpt_final.pt"), "--max_steps", "3"])
+    assert betas() == (3, 0.95, (0.9, 0.95))
+    train.main(["--resume", str(run / "ckpt_final.pt"), "--max_steps", "4", "--adam_beta2", "0.99"])
+    assert betas() == (4, 0.99, (0.9, 0.99))
 
 
 def test_each_epoch_reads_the_data_in_its_own_seeded_order(tiny_mnist, tmp_path, monkeypatch):
