@@ -38,17 +38,14 @@ def test_learning_rate_warmup_then_step_decay_by_epochs():
     assert learning_rate(args, 10_000, epoch=50) == 1e-3
 
 
-@pytest.mark.parametrize("beta2", [None, 0.9])
-def test_optimizer_is_adamw_without_weight_decay_by_its_closed_form(beta2):
+@pytest.mark.parametrize("beta2_option,b2", [({}, 0.999), ({"beta2": 0.9}, 0.9)], ids=["default", "beta2_0.9"])
+def test_optimizer_is_adamw_without_weight_decay_by_its_closed_form(beta2_option, b2):
     """Two steps of the (fused) optimizer against Adam's update written out:
     m = b1 m + (1-b1) g, v = b2 v + (1-b2) g^2, w -= lr (m / (1-b1^k)) / (sqrt(v / (1-b2^k)) + eps),
     with b1 = 0.9 and b2 = 0.999 (the default) or the beta2 given."""
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
-    if beta2 is None:
-        optimizer, b2 = make_optimizer(model, lr=0.1, device="cpu"), 0.999
-    else:
-        optimizer, b2 = make_optimizer(model, lr=0.1, device="cpu", beta2=beta2), beta2
+    optimizer = make_optimizer(model, lr=0.1, device="cpu", **beta2_option)
     w = model.weight.detach().clone().double()
     m = torch.zeros_like(w)
     v = torch.zeros_like(w)
