@@ -10,8 +10,8 @@ from data import DataError
 from dit import ModelConfigError
 from images import OutputError, check_output
 from options import (DeviceError, UsageError, add_device_arg, add_precision_arg, autocast_dtype,
-                     nonnegative_float, positive_int, resolve_device)
-from sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, VARIANCES, default_steps
+                     nonnegative_float, positive_int, resolve_device, snr_bound)
+from sampling import DEFAULT_AUTOGUIDANCE_MAX_SNR, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, VARIANCES, default_steps
 from scheduler import ScheduleError
 
 # the default weights of infer.py and infer_cfg.py, trained by the CPU recipes (pretrained/README.md)
@@ -49,6 +49,15 @@ def check_sampler_options(args):
         raise UsageError("--eta is a DDIM option (use --sampler ddim)")
     if args.variance is not None and args.sampler != "ddpm":
         raise UsageError("--variance is a DDPM option (use --sampler ddpm)")
+
+
+def add_guidance_max_snr_arg(parser):
+    """--guidance_max_snr: where model A's autoguidance acts (infer.py, evaluate.py)."""
+    parser.add_argument("--guidance_max_snr", type=snr_bound, default=None, metavar="S",
+                        help="model A: autoguide only the steps whose signal-to-noise ratio "
+                             "ab_t / (1 - ab_t) is at most S, the model alone on the cleaner ones "
+                             "(a guidance interval); inf guides every step; none given: "
+                             f"{DEFAULT_AUTOGUIDANCE_MAX_SNR:g}")
 
 
 def add_sampling_args(parser, default_ckpt):

@@ -39,8 +39,8 @@ from tqdm import tqdm
 
 import sampling
 from checkpoint import load_model, one_line_reason, save_checkpoint
-from cli import (PRETRAINED, add_eta_arg, add_sampler_args, add_variance_arg, check_sampler_options, load_guide,
-                 resolve_steps, run_main)
+from cli import (PRETRAINED, add_eta_arg, add_guidance_max_snr_arg, add_sampler_args, add_variance_arg,
+                 check_sampler_options, load_guide, resolve_steps, run_main)
 from data import MNIST_CLASSES, load_mnist, resize_images, to_model_range
 from images import check_output_file
 from options import (AMP_DTYPES, ArgumentParser, UsageError, add_device_arg, add_precision_arg, guidance_list,
@@ -315,6 +315,7 @@ def build_parser():
                                f"{sampling.DEFAULT_AUTOGUIDANCE_SCALE:g} (A with a guide)")
     guidance.add_argument("--guidance_sweep", type=guidance_list, default=None, metavar="S1,S2,...",
                           help="evaluate several guidance scales, one row each, e.g. 0,1,2,3,5")
+    add_guidance_max_snr_arg(parser)
     add_sampler_args(parser)
     add_eta_arg(parser)
     add_variance_arg(parser)
@@ -351,11 +352,16 @@ def evaluate(args):
         labels = torch.arange(MNIST_CLASSES).repeat_interleave(args.num_samples // MNIST_CLASSES)  # 0,0,..,1,1,..
         scales = args.guidance_sweep or [sampling.DEFAULT_GUIDANCE_SCALE
                                          if args.guidance_scale is None else args.guidance_scale]
-        guide = None
+        if args.guidance_max_snr is not None:
+            raise UsageError("--guidance_max_snr sets where model A's autoguidance acts; "
+                             f"{args.ckpt} holds model B, guided at every step")
+        guide, max_snr = None, None
     else:
         guide = load_guide(ckpt, args.ckpt, device,
-                           guidance_given=args.guidance_scale is not None or args.guidance_sweep is not None)
+                           guidance_given=any(option is not None for option in (
+                               args.guidance_scale, args.guidance_sweep, args.guidance_max_snr)))
         labels, scales = None, [None]
+        max_snr = sampling.DEFAULT_AUTOGUIDANCE_MAX_SNR if args.guidance_max_snr is None else args.guidance_max_snr
         if guide is not None:
             scales = args.guidance_sweep or [sampling.DEFAULT_AUTOGUIDANCE_SCALE
                                              if args.guidance_scale is None else args.guidance_scale]
@@ -387,7 +393,8 @@ def evaluate(args):
         # Every scale starts from the same seed (the same noise): rows differ by the scale alone.
         t0 = time.perf_counter()
         samples = sampling.generate_images(model, scheduler, args.num_samples, labels=labels,
-                                           guidance_scale=scale, guide=guide, sampler=args.sampler, steps=steps,
+                                           guidance_scale=scale, guide=guide, guidance_max_snr=max_snr,
+                                           sampler=args.sampler, steps=steps,
                                            eta=args.eta, variance=args.variance,
                                            seed=args.seed, device=device, amp_dtype=AMP_DTYPES[precision],
                                            batch_size=args.batch_size, progress=True)
@@ -401,6 +408,8 @@ def evaluate(args):
         "checkpoint": args.ckpt, "kind": ckpt["kind"], "num_classes": model.num_classes,
         "use_ema": not args.no_ema,
         "guide_epoch": ckpt["args"].get("guide_epoch") if guide is not None else None,
+        # JSON has no infinity: "inf" when every step is guided
+        "guidance_max_snr": None if guide is None else max_snr if math.isfinite(max_snr) else "inf",
         "num_samples": args.num_samples, "sampler": args.sampler, "steps": steps, "eta": args.eta,
         "variance": args.variance,
         "seed": args.seed, "device": str(device),
@@ -418,10 +427,11 @@ def print_report(report):
     r = report
     per_digit = f" ({r['num_samples'] // r['num_classes']} per digit)" if r["num_classes"] else ""
     acc = r["classifier"]["test_acc"]
-    weights = "EMA" if r["use_ema"] else "raw"
+    weights = ("EMA" if r["use_ema"] else "raw") + " weights"
     if r["guide_epoch"] is not None:
-        weights += f", autoguided by its EMA of epoch {r['guide_epoch']}"
-    print(f"\ncheckpoint  {r['checkpoint']} ({r['kind']}, {weights} weights)")
+        weights += (f", autoguided by its EMA of epoch {r['guide_epoch']} "
+                    f"where SNR(t) <= {r['guidance_max_snr']}")
+    print(f"\ncheckpoint  {r['checkpoint']} ({r['kind']}, {weights})")
     noise = "" if r["variance"] is None else f" ({r['variance']} variance)"
     if r["eta"]:
         noise += f" (eta {r['eta']:g})"

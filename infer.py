@@ -7,11 +7,12 @@
 """
 import math
 
-from cli import PRETRAINED_A, add_sampling_args, load_for_sampling, load_guide, run_main, sampling_kwargs
+from cli import (PRETRAINED_A, add_guidance_max_snr_arg, add_sampling_args, load_for_sampling, load_guide, run_main,
+                 sampling_kwargs)
 from dit import DiT
 from images import sample_names, save_samples
 from options import ArgumentParser, nonnegative_float
-from sampling import DEFAULT_AUTOGUIDANCE_SCALE, generate_images
+from sampling import DEFAULT_AUTOGUIDANCE_MAX_SNR, DEFAULT_AUTOGUIDANCE_SCALE, generate_images
 
 
 def build_parser():
@@ -20,6 +21,7 @@ def build_parser():
                         help="autoguidance, for a checkpoint trained with --guide_epoch: pred = guide + "
                              f"s * (model - guide), 1 is the model alone; none given: {DEFAULT_AUTOGUIDANCE_SCALE:g} "
                              "with a guide")
+    add_guidance_max_snr_arg(parser)
     add_sampling_args(parser, default_ckpt=PRETRAINED_A)
     return parser
 
@@ -27,10 +29,12 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     model, scheduler, ckpt, device = load_for_sampling(args, expected_kind=DiT.kind)
-    guide = load_guide(ckpt, args.ckpt, device, guidance_given=args.guidance_scale is not None)
+    guide = load_guide(ckpt, args.ckpt, device,
+                       guidance_given=args.guidance_scale is not None or args.guidance_max_snr is not None)
     scale = DEFAULT_AUTOGUIDANCE_SCALE if args.guidance_scale is None else args.guidance_scale
+    max_snr = DEFAULT_AUTOGUIDANCE_MAX_SNR if args.guidance_max_snr is None else args.guidance_max_snr
     images = generate_images(model, scheduler, args.num_samples, guide=guide, guidance_scale=scale,
-                             device=device, **sampling_kwargs(args, scheduler, device))
+                             guidance_max_snr=max_snr, device=device, **sampling_kwargs(args, scheduler, device))
     save_samples(images, args.output, sample_names(args.num_samples),
                  nrow=math.ceil(math.sqrt(args.num_samples)), scale=args.scale)
     print(f"wrote {args.num_samples} sample(s) to {args.output} (weights: {args.ckpt})")

@@ -87,6 +87,14 @@ def decay_below_one(text):
     return value
 
 
+def snr_bound(text):
+    """A signal-to-noise ratio bound: a number >= 0, or inf (no bound)."""
+    value = float(text)
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a number >= 0 or inf, got {text}")
+    return value
+
+
 def guidance_list(text):
     """'0,1,2,3,5' -> [0.0, 1.0, 2.0, 3.0, 5.0] (an argparse type)."""
     try:

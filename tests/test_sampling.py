@@ -1,11 +1,13 @@
 """The sampling loop, driven by oracle models whose exact answers are known in
 closed form (a single-image data set and a Gaussian data set)."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
-from sampling import (DEFAULT_STEPS, FEW_STEP_VARIANCE, SAMPLERS, VARIANCES, autoguided_fn, default_variance,
+from sampling import (DEFAULT_AUTOGUIDANCE_MAX_SNR, DEFAULT_STEPS, FEW_STEP_VARIANCE, SAMPLERS, VARIANCES, autoguided_fn, default_variance,
                       generate_images, sample, timestep_schedule)
 from scheduler import NoiseScheduler
 from tests.conftest import ref_alphas_cumprod
@@ -596,19 +598,48 @@ def test_a_v_model_samples_what_the_eps_model_samples(sampler, steps):
 
 
 def test_autoguidance_is_the_guide_plus_s_times_the_difference():
-    """out = guide + s (model - guide), in float64 by hand; s = 1 is the model alone and never
-    calls the guide."""
+    """out = guide + s (model - guide), in float64 by hand, at every step when max_snr = inf;
+    s = 1 is the model alone and never calls the guide."""
     gen = seeded(1)
-    x, t = torch.randn(SHAPE, generator=gen), torch.full((SHAPE[0],), 500)
+    x, t = torch.randn(SHAPE, generator=gen), torch.full((SHAPE[0],), 100)
     main_out, guide_out = torch.randn(SHAPE, generator=gen), torch.randn(SHAPE, generator=gen)
     main, guide = (lambda x, t: main_out), (lambda x, t: guide_out)
     for s in (0.0, 2.0, 3.5):
         expected = guide_out.double() + s * (main_out.double() - guide_out.double())
-        torch.testing.assert_close(autoguided_fn(main, guide, s)(x, t).double(), expected, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(autoguided_fn(main, guide, s, NoiseScheduler(), math.inf)(x, t).double(), expected,
+                                   rtol=1e-6, atol=1e-6)
 
     def unused_guide(x, t):
-        raise AssertionError("the guide ran at s = 1")
-    assert autoguided_fn(main, unused_guide, 1.0) is main
+        raise AssertionError("the guide ran")
+    assert autoguided_fn(main, unused_guide, 1.0, NoiseScheduler()) is main
+
+
+def test_autoguidance_acts_only_where_the_snr_is_at_most_max_snr():
+    """The guidance interval: each sample of a batch is guided where its SNR(t) = ab_t / (1 - ab_t),
+    from the papers' alpha bars in float64, is at most max_snr, and is the model's output exactly
+    elsewhere. With the default bound 4 on the linear schedule that is t >= 145 (SNR(144) = 4.009,
+    SNR(145) = 3.950); a batch of nearly clean steps never calls the guide."""
+    gen, shape = seeded(2), (4, 1, 8, 8)
+    main_out, guide_out = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    main, guide = (lambda x, t: main_out), (lambda x, t: guide_out)
+    ab = ref_ab("linear")
+    snr = ab / (1 - ab)
+    assert snr[144] > DEFAULT_AUTOGUIDANCE_MAX_SNR >= snr[145]  # the boundary named above
+    t = torch.tensor([0, 144, 145, 999])  # (4,)
+    x = torch.randn(shape, generator=gen)
+    guided = guide_out.double() + 3 * (main_out.double() - guide_out.double())
+    for max_snr in (DEFAULT_AUTOGUIDANCE_MAX_SNR, 0.5, 0.0, math.inf):
+        inside = (snr[t] <= max_snr).view(-1, 1, 1, 1)
+        expected = torch.where(inside, guided, main_out.double())
+        out = autoguided_fn(main, guide, 3.0, NoiseScheduler(), max_snr)(x, t)
+        torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-6)
+        assert torch.equal(out[~inside.view(-1)], main_out[~inside.view(-1)])  # the model's own output
+    assert inside.all()  # inf guided all four samples
+
+    def unused_guide(x, t):
+        raise AssertionError("the guide ran on steps outside the interval")
+    clean = torch.tensor([0, 10, 100, 144])
+    assert torch.equal(autoguided_fn(main, unused_guide, 3.0, NoiseScheduler())(x, clean), main_out)
 
 
 @pytest.mark.parametrize("sampler, steps", [("ddpm", 10), ("dpm++2m", 10)])
@@ -629,10 +660,24 @@ def test_autoguided_v_models_sample_the_guided_noise(sampler, steps):
         def forward(self, x, t):
             return self.fn(x, t)
 
-    by_hand = sample(lambda x, t: guide(x, t) + 2.5 * (main(x, t) - guide(x, t)), NoiseScheduler(), SHAPE,
-                     sampler=sampler, steps=steps, generator=seeded())
-    by_v = generate_images(Net(v_of(main, ab)), NoiseScheduler(prediction="v"), SHAPE[0],
-                           guide=Net(v_of(guide, ab)), guidance_scale=2.5, sampler=sampler, steps=steps)
-    torch.testing.assert_close(by_v, by_hand, rtol=0, atol=1e-4)
+    snr = ab / (1 - ab)
+
+    def guided_where(max_snr):
+        """The eps combination on the steps with SNR(t) <= max_snr, the model's eps elsewhere."""
+        def by_hand(x, t):
+            inside = (snr[t] <= max_snr).view(-1, 1, 1, 1)
+            return torch.where(inside, guide(x, t) + 2.5 * (main(x, t) - guide(x, t)), main(x, t))
+        return by_hand
+
+    samples = {}
+    for max_snr in (DEFAULT_AUTOGUIDANCE_MAX_SNR, math.inf):
+        samples[max_snr] = sample(guided_where(max_snr), NoiseScheduler(), SHAPE, sampler=sampler, steps=steps,
+                                  generator=seeded())
+        kwargs = {} if max_snr == DEFAULT_AUTOGUIDANCE_MAX_SNR else {"guidance_max_snr": max_snr}  # the default
+        by_v = generate_images(Net(v_of(main, ab)), NoiseScheduler(prediction="v"), SHAPE[0],
+                               guide=Net(v_of(guide, ab)), guidance_scale=2.5, sampler=sampler, steps=steps, **kwargs)
+        torch.testing.assert_close(by_v, samples[max_snr], rtol=0, atol=1e-4)
     unguided = sample(main, NoiseScheduler(), SHAPE, sampler=sampler, steps=steps, generator=seeded())
-    assert (by_hand - unguided).abs().max() > 0.05  # the guidance changes the samples
+    assert (samples[math.inf] - unguided).abs().max() > 0.05  # the guidance changes the samples
+    # and so does leaving the last step (t = 111 -> 0 on 10 steps) to the model alone
+    assert (samples[math.inf] - samples[DEFAULT_AUTOGUIDANCE_MAX_SNR]).abs().max() > 1e-3

@@ -1,4 +1,5 @@
 """End to end through the real entry points, on tiny synthetic MNIST and tiny models."""
+import json
 import math
 import os
 import re
@@ -21,6 +22,7 @@ import train_cfg_ddp
 import training
 from checkpoint import CheckpointError, load_checkpoint
 from cli import run_main
+from sampling import DEFAULT_AUTOGUIDANCE_MAX_SNR
 from tests.conftest import ROOT, TINY_MODEL, run_script
 
 # the same tiny options serve train.py and train_cfg.py
@@ -172,8 +174,23 @@ def test_guide_epoch_keeps_that_epochs_ema_for_autoguided_sampling(run_a, tiny_m
     infer.main(["--ckpt", str(tmp_path / "weights.pt"), "--output", str(tmp_path / "s1.png"), *draw,
                 "--guidance_scale", "1"])
     infer.main(["--ckpt", str(tmp_path / "unguided.pt"), "--output", str(tmp_path / "alone.png"), *draw])
+    # --guidance_max_snr 0 guides no step (every SNR(t) is above 0): the model alone again
+    infer.main(["--ckpt", str(tmp_path / "weights.pt"), "--output", str(tmp_path / "snr0.png"), *draw,
+                "--guidance_max_snr", "0"])
     assert (tmp_path / "s1.png").read_bytes() == (tmp_path / "alone.png").read_bytes()
+    assert (tmp_path / "snr0.png").read_bytes() == (tmp_path / "alone.png").read_bytes()
     assert (tmp_path / "guided.png").read_bytes() != (tmp_path / "alone.png").read_bytes()
+    # and in evaluate.py: the same samples, so the same scores, as the model alone
+    scores = {}
+    for name, option in (("default", []), ("snr0", ["--guidance_max_snr", "0"]), ("s1", ["--guidance_scale", "1"]),
+                         ("inf", ["--guidance_max_snr", "inf"])):
+        evaluate.main(["--ckpt", str(tmp_path / "weights.pt"), "--num_samples", "8", "--steps", "3",
+                       "--data_dir", tiny_mnist, "--precision", "fp32", "--json", str(tmp_path / f"{name}.json"),
+                       *option])
+        report = json.loads((tmp_path / f"{name}.json").read_text(), parse_constant=pytest.fail)  # strict JSON
+        scores[name] = (report["guidance_max_snr"], report["results"][0]["fid"], report["results"][0]["confidence"])
+    assert scores["snr0"][0] == 0 and scores["default"][0] == DEFAULT_AUTOGUIDANCE_MAX_SNR and scores["inf"][0] == "inf"
+    assert scores["snr0"][1:] == scores["s1"][1:] != scores["default"][1:]
 
     # a run already past the guide's epoch cannot make one; evaluate.py needs a guide to guide model A
     message = error_of(train.main, ["--resume", str(run_a / "ckpt_final.pt"), "--guide_epoch", "1", "--epochs", "3",
@@ -286,6 +303,8 @@ def test_corrupt_or_wrong_checkpoint_gives_one_line_error(run_a, run_b, tmp_path
     (["--output", "/nonexistent/dir/x.png"], "does not exist"),
     (["--output", "x.unknownext"], "image format"),
     (["--guidance_scale", "2"], "without a guide"),
+    (["--guidance_max_snr", "2"], "without a guide"),
+    (["--guidance_max_snr", "-1"], "must be a number >= 0 or inf"),
 ])
 def test_bad_inference_options(run_a, args, expected, tmp_path, monkeypatch, capsys):
     if "--output" not in args:
