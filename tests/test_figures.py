@@ -9,11 +9,12 @@ import torch
 from PIL import Image
 
 import figures
-from checkpoint import save_checkpoint
+from checkpoint import build_guide, save_checkpoint
 from cli import run_main
+from dit import DiT
 from dit_cfg import ConditionalDiT
 from images import save_grid
-from sampling import DEFAULT_GUIDANCE_SCALE, generate_images
+from sampling import DEFAULT_AUTOGUIDANCE_SCALE, DEFAULT_GUIDANCE_SCALE, generate_images
 from scheduler import NoiseScheduler
 
 HEADER = "step,epoch,loss,lr,img_per_s,elapsed_s\n"
@@ -99,6 +100,36 @@ def test_checkpoint_figures_with_the_loss_curve_and_gif(tiny_ckpt, tmp_path):
         save_grid(batch, tmp_path / name, nrow=samples, scale=3)
         np.testing.assert_array_equal(frame, np.array(Image.open(tmp_path / name)))
     assert not np.array_equal(frames[-2], frames[-1])  # the last step changed something
+
+
+def test_model_a_figures_are_autoguided_as_infer_draws_them(tmp_path):
+    """A model A checkpoint with a guide: the GIF's last frame is what generate_images draws with
+    that guide at the default scale and interval (infer.py's defaults), not the model alone."""
+    torch.manual_seed(0)
+    model = DiT(img_size=IMG, patch_size=4, dim=32, depth=1, heads=2)
+    weights = []
+    for _ in range(2):  # the model's and the guide's random weights
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.normal_(0, 0.2)
+        weights.append({k: v.clone() for k, v in model.state_dict().items()})
+    path = str(tmp_path / "a.pt")
+    save_checkpoint({"kind": model.kind, "model_config": dict(model.config), "model": weights[0],
+                     "scheduler_config": NoiseScheduler(timesteps=50).config, "ema": weights[0],
+                     "guide": weights[1], "args": {"guide_epoch": 1}}, path)
+    samples, steps = 3, 4
+    figures.main(["--ckpt", path, "--outdir", str(tmp_path / "out"), "--steps", str(steps), "--gif_samples",
+                  str(samples), "--trajectory_columns", "2", "--trajectory_samples", "1", "--precision", "fp32"])
+    last = frames_of(tmp_path / "out" / "denoising.gif")[0][-1]
+    model, scheduler, ckpt = figures.load_model(path)
+    drawn = {}
+    for name, guide in (("guided", build_guide(ckpt)), ("alone", None)):
+        images = generate_images(model, scheduler, samples, guide=guide, guidance_scale=DEFAULT_AUTOGUIDANCE_SCALE,
+                                 sampler="dpm++2m", steps=steps, seed=0)
+        save_grid(images, tmp_path / f"{name}.png", nrow=samples, scale=3)
+        drawn[name] = np.array(Image.open(tmp_path / f"{name}.png"))
+    np.testing.assert_array_equal(last, drawn["guided"])
+    assert not np.array_equal(drawn["guided"], drawn["alone"])
 
 
 def test_metrics_alone_draws_only_the_loss_curve(tmp_path):
