@@ -236,9 +236,9 @@ def autoguided_fn(model, guide, guidance_scale, scheduler, max_snr=DEFAULT_AUTOG
         out = guide(x_t, t) + s * (model(x_t, t) - guide(x_t, t))   where SNR(t) <= max_snr
         out = model(x_t, t)                                          where SNR(t) >  max_snr
 
-    with SNR(t) = ab_t / (1 - ab_t) from `scheduler`: the guidance shapes the digit while noise
-    dominates and leaves the last, nearly clean steps to the model alone (max_snr = inf guides
-    every step). `guide` is the same network with weaker weights (model A: its EMA from an
+    with SNR(t) = ab_t / (1 - ab_t) from `scheduler`: the guidance shapes the digit while the
+    image is still noisy and leaves the last, nearly clean steps to the model alone (max_snr = inf
+    guides every step). `guide` is the same network with weaker weights (model A: its EMA from an
     early epoch, training.py --guide_epoch). Where the two agree the sample follows both; where
     the trained model has moved away from the weak one, s > 1 pushes further in that
     direction, which sharpens shapes the weak model only half drew. The weights sum to one, so
