@@ -250,12 +250,13 @@ def autoguided_fn(model, guide, guidance_scale, scheduler, max_snr=DEFAULT_AUTOG
 
     def model_fn(x, t):
         guided = snr[t] <= max_snr  # (B,)
-        if not guided.any():  # every sample on a nearly clean step: the guide is not needed
+        num_guided = int(guided.sum())  # one host sync per step on CUDA
+        if num_guided == 0:  # every sample on a nearly clean step: the guide is not needed
             return model(x, t)
         out = model(x, t)
         weak = guide(x, t)
         combined = weak + guidance_scale * (out - weak)
-        if guided.all():
+        if num_guided == len(guided):
             return combined
         return torch.where(guided.view(-1, *[1] * (out.dim() - 1)), combined, out)
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from sampling import (DEFAULT_AUTOGUIDANCE_MAX_SNR, DEFAULT_STEPS, FEW_STEP_VARIANCE, SAMPLERS, VARIANCES, autoguided_fn, default_variance,
-                      generate_images, sample, timestep_schedule)
+from sampling import (DEFAULT_AUTOGUIDANCE_MAX_SNR, DEFAULT_STEPS, FEW_STEP_VARIANCE, SAMPLERS, VARIANCES,
+                      autoguided_fn, default_variance, generate_images, sample, timestep_schedule)
 from scheduler import NoiseScheduler
 from tests.conftest import ref_alphas_cumprod
 
