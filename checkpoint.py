@@ -149,13 +149,20 @@ def load_model(path, device="cpu", use_ema=True, expected_kind=None):
     return model, scheduler, ckpt
 
 
-def export_weights(ckpt_path, out_path):
+def export_weights(ckpt_path, out_path, dtype=None):
     """Write the EMA weights of a training checkpoint, with what rebuilds and describes them
     (kind, configs, training options), to out_path: the pretrained/ files. About a quarter of
-    the checkpoint's size: no raw weights, no optimizer moments."""
+    the checkpoint's size: no raw weights, no optimizer moments.
+
+    dtype (e.g. torch.bfloat16) stores the floating-point weights in that dtype: half the
+    size again. `network` loads them back into float32 parameters (load_state_dict casts),
+    so each weight is the float32 one rounded to 8 significant bits; under bf16 autocast the
+    matmuls round their weights so anyway."""
     ckpt = load_checkpoint(ckpt_path, to_resume=True)
     weights = {key: ckpt[key] for key in ("kind", "model_config", "scheduler_config", "args")}
     for key in ("ema", "guide") if "guide" in ckpt else ("ema",):
-        weights[key] = {name: tensor.contiguous() for name, tensor in clean_state_dict(ckpt[key]).items()}
+        weights[key] = {name: (tensor.to(dtype) if dtype is not None and tensor.is_floating_point()
+                               else tensor).contiguous()
+                        for name, tensor in clean_state_dict(ckpt[key]).items()}
     weights["step"] = ckpt["step"]
     save_checkpoint(weights, out_path)

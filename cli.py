@@ -133,8 +133,8 @@ def keep_freed_memory():
     blocks are freed) straight from the kernel and returns them on free, and trims the heap
     whenever more than twice that threshold lies free at its top. A step on the CPU allocates
     and frees megabytes of activations, so step after step the same pages were faulted in
-    afresh: on 2 Zen 5 EPYC cores the loop of model A's 49-token network (the shipped
-    model_a.pt) runs 922-1,040 img/s with this against 776-815 without, to bit-identical
+    afresh: on 2 Zen 5 EPYC cores the loop of model A's 49-token network (4x4-pixel
+    patches, width 128) runs 922-1,040 img/s with this against 776-815 without, to bit-identical
     weights (docs/performance.md). The pages stay with the process. A no-op (False) outside glibc.
     """
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # <malloc.h>

@@ -186,21 +186,24 @@ DEFAULT_GUIDANCE_SCALE = 3.0
 # Autoguidance of model A (autoguided_fn): chosen by `evaluate.py --guidance_sweep` (seed 0,
 # docs/results.md). With min-SNR weights MNIST-FID is lowest at 3 on the 49-token network with
 # its guides (bf16, guide of epoch 3: 4.89 / 3.88 / 4.21 at 2 / 3 / 4; fp32, epoch 2: 8.62 / 7.08
-# at 2 / 3). With P2 weights and their draws, guided at every step: the shipped model_a.pt (FID /
-# confidence / least-most drawn digit) 2.01 / 0.938 / 6.3-12.0% at 2, 1.63 / 0.953 / 7.4-12.8% at
+# at 2 / 3). With P2 weights and their draws, guided at every step: the 49-token run of
+# configs/dit_cpu.args (4x4-pixel patches at width 128, 19 epochs; FID / confidence / least-most
+# drawn digit) 2.01 / 0.938 / 6.3-12.0% at 2, 1.63 / 0.953 / 7.4-12.8% at
 # 3, 1.82 / 0.957 / 7.3-13.2% at 4; the 49 tokens in fp32 3.61 / 0.913 at 3 against 3.20 / 0.925
-# at 4 (digits 8.1-11.8% at both). With the guidance interval below: the shipped model 1.98 /
-# 0.939 / 6.5-12.1%, 1.47 / 0.954 / 7.5-12.9% and 1.51 / 0.963 / 7.9-13.2% at 2 / 3 / 4; a run of
+# at 4 (digits 8.1-11.8% at both). With the guidance interval below: the 49-token run 1.98 /
+# 0.939 / 6.5-12.1%, 1.47 / 0.954 / 7.5-12.9% and 1.51 / 0.963 / 7.9-13.2% at 2 / 3 / 4; the run of
 # configs/dit_cpu.args (16 tokens) 1.85 / 0.940 / 7.8-12.1%, 1.40 / 0.958 / 7.4-12.3% and 1.41 /
-# 0.962 / 7.9-12.9%. 3 stays the default: the shipped model's lowest FID and, of 2, 3 and 4, its
-# only scale with every digit within 7-13%.
+# 0.962 / 7.9-12.9% (the shipped model_a.pt, those weights in bf16: 1.85 / 0.940, 1.39 / 0.957 /
+# 7.3-12.2%, 1.40 / 0.962). 3 stays the default: the lowest FID of both, and on the 49-token run
+# the only scale of 2, 3 and 4 with every digit within 7-13%.
 DEFAULT_AUTOGUIDANCE_SCALE = 3.0
 # Model A's guidance stops below this noise level (autoguided_fn): SNR(t) = ab_t / (1 - ab_t) <= 4,
 # i.e. noise std >= half the signal's, t >= 145 of the default 1000-step linear schedule. The
 # default 10 DPM-Solver++ steps then guide down to t = 222 and leave t = 111 and 0 to the model
 # alone. Measured with `evaluate.py` (1000 samples, seed 0, scale 3; docs/results.md):
-# the shipped model_a.pt (bf16) MNIST-FID 1.47 / confidence 0.954 / digits 7.5-12.9%
-# against 1.63 / 0.953 / 7.4-12.8% guided at every step; dit_cpu_avx2.args (fp32) 2.04 / 0.933 /
+# the 49-token run of configs/dit_cpu.args (bf16) MNIST-FID 1.47 / confidence 0.954 / digits
+# 7.5-12.9% against 1.63 / 0.953 / 7.4-12.8% guided at every step (the shipped model_a.pt 1.39 /
+# 0.957 / 7.3-12.2% against 1.93 / 0.954 / 7.2-12.3%); dit_cpu_avx2.args (fp32) 2.04 / 0.933 /
 # 8.7-11.6% against 2.47 / 0.933 / 8.4-11.8%. The bound 8 (only t = 0 unguided) reads 1.65 and
 # 2.56, the bound 1 (guided down to t = 333) 1.65 and 2.34.
 DEFAULT_AUTOGUIDANCE_MAX_SNR = 4.0

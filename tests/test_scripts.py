@@ -20,7 +20,7 @@ import train
 import train_cfg
 import train_cfg_ddp
 import training
-from checkpoint import CheckpointError, load_checkpoint
+from checkpoint import CheckpointError, load_checkpoint, network
 from cli import run_main
 from sampling import DEFAULT_AUTOGUIDANCE_MAX_SNR
 from tests.conftest import ROOT, TINY_MODEL, run_script
@@ -165,6 +165,19 @@ def test_guide_epoch_keeps_that_epochs_ema_for_autoguided_sampling(run_a, tiny_m
     export_weights(str(tmp_path / "run" / "ckpt_final.pt"), str(tmp_path / "weights.pt"))
     weights = load_checkpoint(str(tmp_path / "weights.pt"))
     assert all(torch.equal(weights["guide"][n], ckpts[0]["ema"][n]) for n in weights["guide"])
+    # in bf16: every weight is the float32 one rounded, and the rebuilt networks (float32
+    # parameters) predict what the float32 file's predict, to bf16's precision
+    export_weights(str(tmp_path / "run" / "ckpt_final.pt"), str(tmp_path / "weights_bf16.pt"), dtype=torch.bfloat16)
+    halved = load_checkpoint(str(tmp_path / "weights_bf16.pt"))
+    for key in ("ema", "guide"):
+        assert set(halved[key]) == set(weights[key])
+        assert all(halved[key][n].dtype == torch.bfloat16 and torch.equal(halved[key][n], weights[key][n].bfloat16())
+                   for n in weights[key])
+        size = weights["model_config"]["img_size"]
+        x, t = torch.randn(2, 1, size, size, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 700])
+        full, rounded = network(weights, key)(x, t), network(halved, key)(x, t)
+        assert next(network(halved, key).parameters()).dtype == torch.float32
+        assert not torch.equal(full, rounded) and torch.allclose(full, rounded, rtol=0.05, atol=0.02 * full.abs().max().item())
 
     unguided = dict(ckpts[2])
     del unguided["guide"]
