@@ -175,8 +175,9 @@ def test_guide_epoch_keeps_that_epochs_ema_for_autoguided_sampling(run_a, tiny_m
                    for n in weights[key])
         size = weights["model_config"]["img_size"]
         x, t = torch.randn(2, 1, size, size, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 700])
-        full, rounded = network(weights, key)(x, t), network(halved, key)(x, t)
-        assert next(network(halved, key).parameters()).dtype == torch.float32
+        rounded_net = network(halved, key)
+        assert next(rounded_net.parameters()).dtype == torch.float32
+        full, rounded = network(weights, key)(x, t), rounded_net(x, t)
         assert not torch.equal(full, rounded) and torch.allclose(full, rounded, rtol=0.05, atol=0.02 * full.abs().max().item())
 
     unguided = dict(ckpts[2])
