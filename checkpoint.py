@@ -14,8 +14,10 @@ A training checkpoint holds
     args              the training arguments, as a dict
     guide             (model A trained with --guide_epoch K, from epoch K on) the EMA weights
                       at the end of epoch K: the weak model of autoguidance (sampling.py)
+    guide_config      the guide's keyword arguments (with --grow_epoch it can be shallower
+                      than the model); a checkpoint without it has a guide of model_config
 A weights file (pretrained/, written by export_weights) holds kind, the two configs, ema,
-the guide if any, and args: enough to sample, not to resume. Both are read with
+the guide and its config if any, and args: enough to sample, not to resume. Both are read with
 torch.load(weights_only=True), which cannot run code from the file.
 """
 import os
@@ -118,7 +120,8 @@ def load_checkpoint(path, expected_kind=None, map_location="cpu", to_resume=Fals
 def network(ckpt, weights="ema"):
     """The checkpoint's model class (train mode, CPU) holding its `weights`: "ema", "model"
     (the raw weights) or "guide"."""
-    model = MODEL_CLASSES[ckpt["kind"]](**ckpt["model_config"])
+    config = ckpt.get("guide_config", ckpt["model_config"]) if weights == "guide" else ckpt["model_config"]
+    model = MODEL_CLASSES[ckpt["kind"]](**config)
     try:
         model.load_state_dict(clean_state_dict(ckpt[weights]))
     except RuntimeError as err:
@@ -160,6 +163,8 @@ def export_weights(ckpt_path, out_path, dtype=None):
     matmuls round their weights so anyway."""
     ckpt = load_checkpoint(ckpt_path, to_resume=True)
     weights = {key: ckpt[key] for key in ("kind", "model_config", "scheduler_config", "args")}
+    if "guide_config" in ckpt:
+        weights["guide_config"] = ckpt["guide_config"]
     for key in ("ema", "guide") if "guide" in ckpt else ("ema",):
         weights[key] = {name: (tensor.to(dtype) if dtype is not None and tensor.is_floating_point()
                                else tensor).contiguous()

@@ -25,7 +25,7 @@ import torch.distributed as torch_dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoint import MODEL_NAMES, clean_state_dict, load_checkpoint, save_checkpoint
+from checkpoint import MODEL_NAMES, build_guide, clean_state_dict, load_checkpoint, save_checkpoint
 from data import DataError, load_training_set, make_loader, to_model_range
 from ema import EMA
 from images import OutputError, check_output_dir, save_grid
@@ -112,6 +112,12 @@ def add_training_args(parser, *, img_size, patch_size, save_dir, epochs, batch_s
                            help="keep the EMA weights of the end of epoch K in the later checkpoints as "
                                 "the guide of autoguidance: sampling runs guide + s (model - guide), "
                                 "s = --guidance_scale of infer.py; none given: no guide")
+        group.add_argument("--grow_epoch", type=positive_int, default=None, metavar="E",
+                           help="train --depth / 2 blocks for the first E epochs (each about half the "
+                                "time), then stack them into --depth blocks: blocks i and i + depth/2 "
+                                "start as copies of block i, with its EMA weights and AdamW moments. "
+                                "A --guide_epoch up to E keeps the shallow network as the guide; "
+                                "none given: --depth blocks throughout")
 
     group = parser.add_argument_group("run")
     group.add_argument("--seed", type=int, default=0, help="initial weights, data order, noise")
@@ -123,6 +129,12 @@ def add_training_args(parser, *, img_size, patch_size, save_dir, epochs, batch_s
                        help="continue the run saved in this checkpoint, with its model and options "
                             "(options given again override them)")
     add_device_arg(parser)
+
+
+def depth_at(args, epoch):
+    """The blocks the network has after `epoch` completed epochs: half of --depth before --grow_epoch."""
+    grow_epoch = getattr(args, "grow_epoch", None)  # model A's option
+    return args.depth // 2 if grow_epoch is not None and epoch < grow_epoch else args.depth
 
 
 def model_options(args):
@@ -156,12 +168,13 @@ def resolve_run(parser, argv, model_class, model_config):
     the checkpoint's. `model_config(args)` turns the options into the model's kwargs."""
     args = parser.parse_args(argv)
     if args.resume is None:
-        return Run(args, model_class, model_config(args), scheduler_options(args), parser)
+        config = dict(model_config(args), depth=depth_at(args, 0))
+        return Run(args, model_class, config, scheduler_options(args), parser)
     resume = load_checkpoint(args.resume, expected_kind=model_class.kind, to_resume=True)
     saved = {key: value for key, value in resume["args"].items() if key in vars(args) and key != "resume"}
     # argparse fills in a default only where the namespace has no value yet
     args = parser.parse_args(argv, namespace=argparse.Namespace(**saved))
-    given = dict(model_config(args), **scheduler_options(args))
+    given = dict(model_config(args), depth=depth_at(args, resume["epoch"]), **scheduler_options(args))
     # rebuilt through NoiseScheduler: a checkpoint written before an option existed gets its default
     scheduler_config = NoiseScheduler(**resume["scheduler_config"]).config
     saved_config = dict(resume["model_config"], **scheduler_config)
@@ -271,6 +284,45 @@ def make_optimizer(model, lr, device, beta2=0.999):
     times faster on 2 CPU cores (docs/performance.md)."""
     return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, beta2), weight_decay=0.0,
                              fused=torch.device(device).type in ("cpu", "cuda"))
+
+
+def grow_by_stacking(model, ema, optimizer, device):
+    """(model, ema, optimizer) of depth D -> the same of depth 2D, by progressive stacking
+    (Gong et al., "Efficient Training of BERT by Progressively Stacking", ICML 2019): block
+    i + D starts as a copy of block i, so blocks 0..2D-1 are [0..D-1, 0..D-1], and every
+    other layer is kept. The EMA weights and AdamW's moments and step counts are stacked
+    alike, so the new blocks carry on where their sources were rather than start cold.
+    The stacked network is not the same function (each block now runs twice): the loss jumps
+    for some tens of steps, then goes on from where it was."""
+    depth = model.config["depth"]
+
+    def source(name):  # the depth-D name a depth-2D parameter is copied from
+        if name.startswith("blocks."):
+            _, index, rest = name.split(".", 2)
+            return f"blocks.{int(index) % depth}.{rest}"
+        return name
+
+    def stacked(state_dict):
+        return {name: state_dict[source(name)].clone() for name in deep.state_dict()}
+
+    # building it draws random initial weights, all overwritten below: keep them off the stream
+    # that training draws its noise from, so that growing changes no later draw
+    with torch.random.fork_rng(devices=[]):
+        deep = type(model)(**dict(model.config, depth=2 * depth)).to(device)
+    deep.load_state_dict(stacked(model.state_dict()))
+    deep_ema = EMA(deep, ema.decay)
+    deep_ema.load_state_dict(stacked(ema.state_dict()), ema.num_updates)
+
+    saved = optimizer.state_dict()  # moments keyed by the parameter's place in model.parameters()
+    index = {name: i for i, (name, _) in enumerate(model.named_parameters())}
+    deep_names = [name for name, _ in deep.named_parameters()]
+    moments = {i: {key: value.clone() for key, value in saved["state"][index[source(name)]].items()}
+               for i, name in enumerate(deep_names) if index[source(name)] in saved["state"]}
+    (group,) = saved["param_groups"]
+    deep_optimizer = make_optimizer(deep, group["lr"], device, group["betas"][1])
+    deep_optimizer.load_state_dict({"state": moments,
+                                    "param_groups": [dict(group, params=list(range(len(deep_names))))]})
+    return deep, deep_ema, deep_optimizer
 
 
 def learning_rate(args, step, epoch):
@@ -453,6 +505,22 @@ def save_preview(ema_model, scheduler, path, device, amp_dtype, guide=None):
     save_grid(images, path, nrow=nrow)
 
 
+def wrap_for_training(model, compile_model, ranks, device):
+    """(the model that runs the full batches, the one that runs an epoch's last, smaller batch):
+    DDP's wrapper under several processes, then torch.compile's over it with --compile."""
+    train_model = model
+    if ranks.world_size > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    eager_model = train_model  # the same parameters
+    if compile_model:
+        # Static shapes: a symbolic batch size would make every step's graph slower. The last,
+        # smaller batch of an epoch runs eagerly instead of compiling a second graph for one
+        # step (about 55 s on 2 AVX2 cores, 30 s on 2 AMX cores).
+        train_model = torch.compile(train_model, dynamic=False)
+    return train_model, eager_model
+
+
 # ----------------------------------------------------------------------------------------
 # Resuming exactly
 
@@ -524,6 +592,10 @@ def train(run, ranks=Ranks(), device=None):
     if guide_epoch is not None and guide_epoch >= args.epochs:
         raise UsageError(f"--guide_epoch {guide_epoch} must be less than --epochs {args.epochs}: "
                          "the guide is the model of an earlier epoch")
+    grow_epoch = getattr(args, "grow_epoch", None)  # model A's option
+    if grow_epoch is not None and (grow_epoch >= args.epochs or args.depth % 2):
+        raise UsageError(f"--grow_epoch {grow_epoch} stacks --depth / 2 blocks into --depth: it needs an even "
+                         f"--depth (not {args.depth}) and must be less than --epochs {args.epochs}")
 
     # tiny gradients late in training become float32 subnormals, which x86 CPUs process
     # up to ~10x slower; flushing them to zero costs nothing in accuracy
@@ -547,25 +619,14 @@ def train(run, ranks=Ranks(), device=None):
     if run.resume is not None:
         epoch, step, batch_in_epoch, elapsed_before = restore_training_state(
             run.resume, model, ema, optimizer, grad_scaler)
-        if "guide" in run.resume:
-            guide = copy.deepcopy(ema.module)
-            guide.load_state_dict(clean_state_dict(run.resume["guide"]))
+        guide = build_guide(run.resume, device)  # None where the run holds none yet
         if guide_epoch is not None and guide is None and epoch >= guide_epoch:
             raise UsageError(f"{args.resume} is past epoch {guide_epoch} and holds no guide: "
                              "resume without --guide_epoch, or start a new run")
         log(f"resumed from {args.resume} at epoch {epoch}, step {step}")
     seed_random_stream(run.resume, args.seed, ranks, step, device)
 
-    train_model = model
-    if ranks.world_size > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    eager_model = train_model  # the same parameters; runs an epoch's last, smaller batch
-    if args.compile:
-        # Static shapes: a symbolic batch size would make every step's graph slower. The last,
-        # smaller batch of an epoch runs eagerly instead of compiling a second graph for one
-        # step (about 55 s on 2 AVX2 cores, 30 s on 2 AMX cores).
-        train_model = torch.compile(train_model, dynamic=False)
+    train_model, eager_model = wrap_for_training(model, args.compile, ranks, device)
 
     metrics = None
     if ranks.is_main:
@@ -582,6 +643,7 @@ def train(run, ranks=Ranks(), device=None):
                                    epoch=epoch, step=step, batch_in_epoch=batch_in_epoch, elapsed_s=elapsed())
             if guide is not None:
                 state["guide"] = clean_state_dict(guide.state_dict())
+                state["guide_config"] = dict(guide.config)  # shallower than the model's with --grow_epoch
             try:
                 save_checkpoint(state, path)
                 if preview_name:
@@ -657,6 +719,11 @@ def train(run, ranks=Ranks(), device=None):
                 if epoch == guide_epoch:
                     guide = copy.deepcopy(ema.module)
                     log(f"kept the EMA weights of epoch {epoch} as the guide")
+                if epoch == grow_epoch:
+                    model, ema, optimizer = grow_by_stacking(model, ema, optimizer, device)
+                    train_model, eager_model = wrap_for_training(model, args.compile, ranks, device)
+                    log(f"stacked {model.config['depth'] // 2} blocks into {model.config['depth']}: "
+                        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
                 if epoch % args.save_freq == 0 and epoch < args.epochs:
                     save(f"ckpt_epoch_{epoch}.pt", f"preview_epoch_{epoch}.png")
     finally:

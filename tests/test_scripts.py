@@ -215,6 +215,44 @@ def test_guide_epoch_keeps_that_epochs_ema_for_autoguided_sampling(run_a, tiny_m
     assert "without a guide" in message
 
 
+def test_grow_epoch_stacks_the_network_keeps_a_shallow_guide_and_resumes_across_the_growth(tiny_mnist, tmp_path):
+    """--depth 2 --grow_epoch 1: epoch 1 trains 1 block, then the checkpoints hold 2 blocks
+    that start as copies of it (EMA too), with the 1-block EMA of epoch 1 as the guide and its
+    config beside it. A run stopped in the 1-block epoch and resumed ends where the straight
+    run ends; the guide survives export, and infer.py samples with it."""
+    from checkpoint import export_weights
+
+    common = ["--data_dir", tiny_mnist, *TINY_RUN, "--precision", "fp32", "--save_freq", "1",
+              "--grow_epoch", "1", "--guide_epoch", "1", "--epochs", "3"]  # 3 steps per epoch
+    train.main([*common, "--save_dir", str(tmp_path / "straight")])
+    grown = load_checkpoint(str(tmp_path / "straight" / "ckpt_epoch_1.pt"))
+    assert grown["model_config"]["depth"] == 2 and grown["guide_config"] == dict(grown["model_config"], depth=1)
+    for name, tensor in grown["guide"].items():  # the 1-block EMA of epoch 1, and the source of both blocks
+        assert torch.equal(grown["ema"][name], tensor)
+        if name.startswith("blocks.0."):
+            assert torch.equal(grown["ema"]["blocks.1." + name[len("blocks.0."):]], tensor)
+    assert set(grown["ema"]) - set(grown["guide"]) == {n for n in grown["ema"] if n.startswith("blocks.1.")} != set()
+
+    train.main([*common, "--save_dir", str(tmp_path / "part"), "--max_steps", "2"])  # stops inside epoch 1
+    assert load_checkpoint(str(tmp_path / "part" / "ckpt_final.pt"))["model_config"]["depth"] == 1
+    train.main(["--resume", str(tmp_path / "part" / "ckpt_final.pt"), "--max_steps", "9"])
+    straight = load_checkpoint(str(tmp_path / "straight" / "ckpt_final.pt"))
+    resumed = load_checkpoint(str(tmp_path / "part" / "ckpt_final.pt"))
+    assert resumed["step"] == straight["step"] == 9 and resumed["guide_config"]["depth"] == 1
+    for key in ("model", "ema", "guide"):
+        assert set(resumed[key]) == set(straight[key])
+        for name, tensor in straight[key].items():
+            assert torch.allclose(tensor, resumed[key][name], atol=1e-6), (key, name)
+
+    export_weights(str(tmp_path / "straight" / "ckpt_final.pt"), str(tmp_path / "weights.pt"))
+    weights = load_checkpoint(str(tmp_path / "weights.pt"))
+    assert weights["guide_config"]["depth"] == 1 and len(network(weights, "guide").blocks) == 1
+    draw = ["--ckpt", str(tmp_path / "weights.pt"), "--num_samples", "4", "--steps", "3"]
+    infer.main([*draw, "--output", str(tmp_path / "guided.png")])
+    infer.main([*draw, "--output", str(tmp_path / "alone.png"), "--guidance_scale", "1"])
+    assert (tmp_path / "guided.png").read_bytes() != (tmp_path / "alone.png").read_bytes()
+
+
 def test_resume_continues_from_the_saved_step(run_a, tiny_mnist, tmp_path):
     run_script("train.py", "--data_dir", tiny_mnist, "--save_dir", str(tmp_path),
                "--resume", str(run_a / "ckpt_final.pt"), "--max_steps", "6", *TINY_RUN)
@@ -342,11 +380,13 @@ def fail_if_called(what):
      "needs --loss_weighting p2 or --min_snr_gamma above 0"),
     (train.main, ["--epochs", "3", "--guide_epoch", "3"], "must be less than --epochs 3"),
     (train.main, ["--adam_beta2", "1"], "must be in [0, 1), got 1"),
+    (train.main, ["--epochs", "3", "--grow_epoch", "3"], "must be less than --epochs 3"),
+    (train.main, ["--depth", "3", "--grow_epoch", "1"], "needs an even --depth (not 3)"),
     # a save_dir that cannot be created: its parent, or the path itself, is a regular file
     (train.main, ["--save_dir", "{tmp}/a_file/run"], "cannot write files in the output directory"),
     (train.main, ["--save_dir", "{tmp}/a_file"], "cannot write files in the output directory"),
 ], ids=["model_shape", "num_workers", "cond_tokens", "importance_sampling_without_weights", "guide_epoch_too_late",
-        "adam_beta2_of_1", "save_dir_under_a_file", "save_dir_is_a_file"])
+        "adam_beta2_of_1", "grow_epoch_too_late", "grow_epoch_odd_depth", "save_dir_under_a_file", "save_dir_is_a_file"])
 def test_bad_training_options_stop_before_the_data_is_read(main, args, expected, tiny_mnist, tmp_path,
                                                            monkeypatch, capsys):
     (tmp_path / "a_file").write_text("not a directory")

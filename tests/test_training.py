@@ -1,11 +1,13 @@
-"""EMA, the learning-rate schedule and the optimizer, against closed forms."""
+"""EMA, the learning-rate schedule, the optimizer and growth by stacking, against closed forms."""
+import copy
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from dit import DiT
 from ema import EMA
-from training import learning_rate, make_optimizer
+from training import grow_by_stacking, learning_rate, make_optimizer
 
 
 def test_ema_starts_as_a_copy_and_follows_the_closed_form():
@@ -247,3 +249,68 @@ def test_unknown_loss_weighting_is_refused(gamma):
     with pytest.raises(ValueError, match="unknown loss_weighting 'snr'"):
         training_step(model, NoiseScheduler(), make_optimizer(model, 1e-3, "cpu"), torch.zeros(2, 1, 4, 4),
                       loss_weighting="snr", min_snr_gamma=gamma)
+
+
+def test_growing_stacks_blocks_ema_and_adam_moments_and_adam_goes_on_with_them():
+    """A 2-block DiT after two AdamW steps, grown to 4 blocks: the deep network computes what
+    the shallow one computes with its blocks run as [0, 1, 0, 1]; each deep parameter, its EMA
+    weight and its AdamW moments and step count equal those of its source (block i % 2), in
+    tensors of their own; and the next AdamW step of a copied block follows Adam's closed
+    form from the copied moments (a cold start would differ). Growing draws nothing from the
+    global random stream."""
+    torch.manual_seed(0)
+    shallow = DiT(img_size=8, patch_size=4, dim=16, depth=2, heads=2)
+    with torch.no_grad():  # not the zero-initialised layers of DiT, whose blocks start as the identity
+        for param in shallow.parameters():
+            param.normal_(0, 0.2)
+    optimizer = make_optimizer(shallow, lr=0.01, device="cpu", beta2=0.99)
+    ema = EMA(shallow, decay=0.9)
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([1, 400, 999])
+    for _ in range(2):
+        optimizer.zero_grad()
+        ((shallow(x, t) - x) ** 2).mean().backward()
+        optimizer.step()
+        ema.update(shallow)
+    before = copy.deepcopy(shallow)
+    source_state = {name: copy.deepcopy(optimizer.state[p]) for name, p in shallow.named_parameters()}
+
+    rng = torch.get_rng_state()
+    deep, deep_ema, deep_optimizer = grow_by_stacking(shallow, ema, optimizer, "cpu")
+    assert torch.equal(torch.get_rng_state(), rng)  # training's noise stream goes on undisturbed
+    assert deep.config == dict(shallow.config, depth=4) and deep_ema.num_updates == 2
+    twice = copy.deepcopy(before)
+    twice.blocks = torch.nn.ModuleList([twice.blocks[0], twice.blocks[1], twice.blocks[0], twice.blocks[1]])
+    with torch.no_grad():
+        assert torch.allclose(deep(x, t), twice(x, t), atol=1e-6)
+        assert not torch.allclose(deep(x, t), before(x, t), atol=1e-4)  # a deeper function, not the same one
+
+    def source(name):
+        parts = name.split(".")
+        return ".".join(["blocks", str(int(parts[1]) % 2), *parts[2:]]) if parts[0] == "blocks" else name
+
+    shallow_params, ema_params = dict(before.named_parameters()), dict(ema.module.named_parameters())
+    deep_params = dict(deep.named_parameters())
+    assert len(deep_params) == len(shallow_params) + len([n for n in shallow_params if n.startswith("blocks.")])
+    for name, param in deep_params.items():
+        assert torch.equal(param, shallow_params[source(name)])
+        assert torch.equal(deep_ema.module.state_dict()[name], ema_params[source(name)])
+        state = deep_optimizer.state[param]
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(state[key], source_state[source(name)][key]), (name, key)
+    assert (deep_optimizer.state[deep_params["blocks.0.mlp.fc1.weight"]]["exp_avg"].data_ptr()
+            != deep_optimizer.state[deep_params["blocks.2.mlp.fc1.weight"]]["exp_avg"].data_ptr())
+    group = deep_optimizer.param_groups[0]
+    assert group["lr"] == 0.01 and group["betas"] == (0.9, 0.99) and group["weight_decay"] == 0
+
+    # one more step: w -= lr m_hat / (sqrt(v_hat) + eps), k = 3, from the stacked moments
+    name = "blocks.2.mlp.fc1.weight"
+    param = deep_params[name]
+    w, m, v = (param.detach().double().clone(), source_state[source(name)]["exp_avg"].double(),
+               source_state[source(name)]["exp_avg_sq"].double())
+    deep_optimizer.zero_grad()
+    ((deep(x, t) - x) ** 2).mean().backward()
+    g = param.grad.double()
+    deep_optimizer.step()
+    m, v = 0.9 * m + 0.1 * g, 0.99 * v + 0.01 * g * g
+    expected = w - 0.01 * (m / (1 - 0.9 ** 3)) / ((v / (1 - 0.99 ** 3)).sqrt() + 1e-8)
+    assert torch.allclose(param.detach().double(), expected, atol=1e-6)
