@@ -4,6 +4,7 @@
     resolve_run        (command line, optional checkpoint to resume) -> Run: the options, the
                        model and schedule configs and the state to continue from, read once
     training_step      one optimizer step on the DDPM loss
+    grow_by_stacking   (model A's --grow_epoch) depth D -> 2D, blocks, EMA and AdamW moments alike
     train              setup -> loop -> save
 
 The helpers between them are named for what they protect (a run stopped by Ctrl-C, a rank
@@ -112,12 +113,12 @@ def add_training_args(parser, *, img_size, patch_size, save_dir, epochs, batch_s
                            help="keep the EMA weights of the end of epoch K in the later checkpoints as "
                                 "the guide of autoguidance: sampling runs guide + s (model - guide), "
                                 "s = --guidance_scale of infer.py; none given: no guide")
-        group.add_argument("--grow_epoch", type=positive_int, default=None, metavar="E",
-                           help="train --depth / 2 blocks for the first E epochs (each about half the "
-                                "time), then stack them into --depth blocks: blocks i and i + depth/2 "
-                                "start as copies of block i, with its EMA weights and AdamW moments. "
-                                "A --guide_epoch up to E keeps the shallow network as the guide; "
-                                "none given: --depth blocks throughout")
+        group.add_argument("--grow_epoch", type=nonnegative_int, default=None, metavar="E",
+                           help="train --depth / 2 blocks for the first E epochs (each in about half "
+                                "the time), then stack them into --depth blocks: blocks i and "
+                                "i + depth/2 start as copies of block i, with its EMA weights and AdamW "
+                                "moments. A --guide_epoch up to E keeps the shallow network as the "
+                                "guide; 0 or none given: --depth blocks throughout")
 
     group = parser.add_argument_group("run")
     group.add_argument("--seed", type=int, default=0, help="initial weights, data order, noise")
@@ -133,8 +134,8 @@ def add_training_args(parser, *, img_size, patch_size, save_dir, epochs, batch_s
 
 def depth_at(args, epoch):
     """The blocks the network has after `epoch` completed epochs: half of --depth before --grow_epoch."""
-    grow_epoch = getattr(args, "grow_epoch", None)  # model A's option
-    return args.depth // 2 if grow_epoch is not None and epoch < grow_epoch else args.depth
+    grow_epoch = getattr(args, "grow_epoch", None)  # model A's option; 0 or None: never grows
+    return args.depth // 2 if grow_epoch and epoch < grow_epoch else args.depth
 
 
 def model_options(args):
@@ -593,7 +594,7 @@ def train(run, ranks=Ranks(), device=None):
         raise UsageError(f"--guide_epoch {guide_epoch} must be less than --epochs {args.epochs}: "
                          "the guide is the model of an earlier epoch")
     grow_epoch = getattr(args, "grow_epoch", None)  # model A's option
-    if grow_epoch is not None and (grow_epoch >= args.epochs or args.depth % 2):
+    if grow_epoch and (grow_epoch >= args.epochs or args.depth % 2):
         raise UsageError(f"--grow_epoch {grow_epoch} stacks --depth / 2 blocks into --depth: it needs an even "
                          f"--depth (not {args.depth}) and must be less than --epochs {args.epochs}")
 
@@ -719,7 +720,7 @@ def train(run, ranks=Ranks(), device=None):
                 if epoch == guide_epoch:
                     guide = copy.deepcopy(ema.module)
                     log(f"kept the EMA weights of epoch {epoch} as the guide")
-                if epoch == grow_epoch:
+                if grow_epoch and epoch == grow_epoch:
                     model, ema, optimizer = grow_by_stacking(model, ema, optimizer, device)
                     train_model, eager_model = wrap_for_training(model, args.compile, ranks, device)
                     log(f"stacked {model.config['depth'] // 2} blocks into {model.config['depth']}: "

@@ -545,6 +545,9 @@ def test_recipes_parse_to_what_they_say(recipe):
         value = getattr(args, name)
         assert value is True if text is None else value == type(value)(text), (name, text, value)
     assert build_parser().parse_args([f"@{path}", "--epochs", "1"]).epochs == 1
+    if getattr(args, "grow_epoch", None):  # and --grow_epoch 0 turns the growth off: the full depth from the start
+        off = build_parser().parse_args([f"@{path}", "--grow_epoch", "0"])
+        assert training.depth_at(args, 0) == args.depth // 2 and training.depth_at(off, 0) == off.depth
 
 
 def start_script(args, marker, timeout=120):
