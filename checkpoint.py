@@ -119,7 +119,7 @@ def load_checkpoint(path, expected_kind=None, map_location="cpu", to_resume=Fals
 
 def network(ckpt, weights="ema"):
     """The checkpoint's model class (train mode, CPU) holding its `weights`: "ema", "model"
-    (the raw weights) or "guide"."""
+    (the raw weights) or "guide" (built from guide_config where the checkpoint has one)."""
     config = ckpt.get("guide_config", ckpt["model_config"]) if weights == "guide" else ckpt["model_config"]
     model = MODEL_CLASSES[ckpt["kind"]](**config)
     try:

@@ -154,7 +154,7 @@ class Run:
     """Everything a training run starts from, resolved once from the command line."""
     args: argparse.Namespace  # the options; a resumed run's own, with those given again on top
     model_class: type
-    model_config: dict        # model_class(**model_config)
+    model_config: dict        # model_class(**model_config): the network the run starts or resumes with
     scheduler_config: dict    # NoiseScheduler(**scheduler_config)
     parser: argparse.ArgumentParser  # that read the options (options.args is written from it)
     resume: dict = None       # the checkpoint to continue from, or None for a new run
@@ -303,13 +303,14 @@ def grow_by_stacking(model, ema, optimizer, device):
             return f"blocks.{int(index) % depth}.{rest}"
         return name
 
-    def stacked(state_dict):
-        return {name: state_dict[source(name)].clone() for name in deep.state_dict()}
-
     # building it draws random initial weights, all overwritten below: keep them off the stream
     # that training draws its noise from, so that growing changes no later draw
     with torch.random.fork_rng(devices=[]):
         deep = type(model)(**dict(model.config, depth=2 * depth)).to(device)
+
+    def stacked(state_dict):  # a depth-D state dict -> the depth-2D one, each tensor its own copy
+        return {name: state_dict[source(name)].clone() for name in deep.state_dict()}
+
     deep.load_state_dict(stacked(model.state_dict()))
     deep_ema = EMA(deep, ema.decay)
     deep_ema.load_state_dict(stacked(ema.state_dict()), ema.num_updates)
