@@ -13,7 +13,10 @@ A training checkpoint holds
     rng               torch's CPU (and CUDA) random state, to resume the same random stream
     args              the training arguments, as a dict
     guide             (model A trained with --guide_epoch K, from epoch K on) the EMA weights
-                      at the end of epoch K: the weak model of autoguidance (sampling.py)
+                      (with --guide_ema_power: the power-function average) at the end of epoch
+                      K: the weak model of autoguidance (sampling.py)
+    guide_average     (with --guide_ema_power, before the end of epoch K) that average so far;
+                      its count of updates is ema_updates
     guide_config      the guide's keyword arguments (with --grow_epoch it can be shallower
                       than the model); a checkpoint without it has a guide of model_config
 A weights file (pretrained/, written by export_weights) holds kind, the two configs, ema,

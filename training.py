@@ -4,7 +4,7 @@
     resolve_run        (command line, optional checkpoint to resume) -> Run: the options, the
                        model and schedule configs and the state to continue from, read once
     training_step      one optimizer step on the DDPM loss
-    grow_by_stacking   (model A's --grow_epoch) depth D -> 2D, blocks, EMA and AdamW moments alike
+    grow_by_stacking   (model A's --grow_epoch) depth D -> 2D, blocks, averages and AdamW moments alike
     train              setup -> loop -> save
 
 The helpers between them are named for what they protect (a run stopped by Ctrl-C, a rank
@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from checkpoint import MODEL_NAMES, build_guide, clean_state_dict, load_checkpoint, save_checkpoint
 from data import DataError, load_training_set, make_loader, to_model_range
-from ema import EMA
+from ema import EMA, PowerEMA
 from images import OutputError, check_output_dir, save_grid
 from options import (AMP_DTYPES, UsageError, add_device_arg, add_precision_arg, decay_below_one,
                      nonnegative_float, nonnegative_int, positive_int, probability, resolve_device,
@@ -119,6 +119,11 @@ def add_training_args(parser, *, img_size, patch_size, save_dir, epochs, batch_s
                                 "i + depth/2 start as copies of block i, with its EMA weights and AdamW "
                                 "moments. A --guide_epoch up to E keeps the shallow network as the "
                                 "guide; 0 or none given: --depth blocks throughout")
+        group.add_argument("--guide_ema_power", type=nonnegative_float, default=None, metavar="GAMMA",
+                           help="make the guide a power-function average of the weights up to the end of "
+                                "epoch K instead of their EMA: step k weighs in proportion to k^GAMMA "
+                                "(EDM2, Karras et al. 2024), so the smaller GAMMA, the longer the stretch "
+                                "averaged; none given: the EMA weights")
 
     group = parser.add_argument_group("run")
     group.add_argument("--seed", type=int, default=0, help="initial weights, data order, noise")
@@ -287,12 +292,13 @@ def make_optimizer(model, lr, device, beta2=0.999):
                              fused=torch.device(device).type in ("cpu", "cuda"))
 
 
-def grow_by_stacking(model, ema, optimizer, device):
-    """(model, ema, optimizer) of depth D -> the same of depth 2D, by progressive stacking
-    (Gong et al., "Efficient Training of BERT by Progressively Stacking", ICML 2019): block
-    i + D starts as a copy of block i, so blocks 0..2D-1 are [0..D-1, 0..D-1], and every
-    other layer is kept. The EMA weights and AdamW's moments and step counts are stacked
-    alike, so the new blocks carry on where their sources were rather than start cold.
+def grow_by_stacking(model, ema, optimizer, device, guide_average=None):
+    """(model, ema, optimizer, guide_average) of depth D -> the same of depth 2D, by progressive
+    stacking (Gong et al., "Efficient Training of BERT by Progressively Stacking", ICML 2019):
+    block i + D starts as a copy of block i, so blocks 0..2D-1 are [0..D-1, 0..D-1], and every
+    other layer is kept. The averaged weights (the EMA, and the guide's power average where one
+    is kept) and AdamW's moments and step counts are stacked alike, so the new blocks carry on
+    where their sources were rather than start cold.
     The stacked network is not the same function (each block now runs twice): the loss jumps
     for some tens of steps, then goes on from where it was."""
     depth = model.config["depth"]
@@ -312,8 +318,8 @@ def grow_by_stacking(model, ema, optimizer, device):
         return {name: state_dict[source(name)].clone() for name in deep.state_dict()}
 
     deep.load_state_dict(stacked(model.state_dict()))
-    deep_ema = EMA(deep, ema.decay)
-    deep_ema.load_state_dict(stacked(ema.state_dict()), ema.num_updates)
+    deep_ema = ema.over(deep, stacked(ema.state_dict()))
+    deep_guide_average = guide_average and guide_average.over(deep, stacked(guide_average.state_dict()))
 
     saved = optimizer.state_dict()  # moments keyed by the parameter's place in model.parameters()
     index = {name: i for i, (name, _) in enumerate(model.named_parameters())}
@@ -324,7 +330,7 @@ def grow_by_stacking(model, ema, optimizer, device):
     deep_optimizer = make_optimizer(deep, group["lr"], device, group["betas"][1])
     deep_optimizer.load_state_dict({"state": moments,
                                     "param_groups": [dict(group, params=list(range(len(deep_names))))]})
-    return deep, deep_ema, deep_optimizer
+    return deep, deep_ema, deep_optimizer, deep_guide_average
 
 
 def learning_rate(args, step, epoch):
@@ -594,6 +600,10 @@ def train(run, ranks=Ranks(), device=None):
     if guide_epoch is not None and guide_epoch >= args.epochs:
         raise UsageError(f"--guide_epoch {guide_epoch} must be less than --epochs {args.epochs}: "
                          "the guide is the model of an earlier epoch")
+    guide_power = getattr(args, "guide_ema_power", None)  # model A's option
+    if guide_power is not None and guide_epoch is None:
+        raise UsageError("--guide_ema_power sets how the guide of --guide_epoch is averaged: "
+                         "give --guide_epoch too")
     grow_epoch = getattr(args, "grow_epoch", None)  # model A's option
     if grow_epoch and (grow_epoch >= args.epochs or args.depth % 2):
         raise UsageError(f"--grow_epoch {grow_epoch} stacks --depth / 2 blocks into --depth: it needs an even "
@@ -617,7 +627,7 @@ def train(run, ranks=Ranks(), device=None):
     grad_scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     ema = EMA(model, args.ema_decay)
     epoch, step, batch_in_epoch, elapsed_before = 0, 0, 0, 0.0
-    guide = None  # autoguidance's weak model: a frozen copy of the EMA at the end of epoch guide_epoch
+    guide = None  # autoguidance's weak model: a frozen copy of an average at the end of epoch guide_epoch
     if run.resume is not None:
         epoch, step, batch_in_epoch, elapsed_before = restore_training_state(
             run.resume, model, ema, optimizer, grad_scaler)
@@ -626,6 +636,16 @@ def train(run, ranks=Ranks(), device=None):
             raise UsageError(f"{args.resume} is past epoch {guide_epoch} and holds no guide: "
                              "resume without --guide_epoch, or start a new run")
         log(f"resumed from {args.resume} at epoch {epoch}, step {step}")
+    guide_average = None  # --guide_ema_power's average: the guide in the making, until epoch guide_epoch ends
+    if guide_power is not None and guide is None:
+        guide_average = PowerEMA(model, guide_power)
+        if run.resume is not None:
+            if "guide_average" not in run.resume:
+                raise UsageError(f"{args.resume} holds no power average for the guide: resume without "
+                                 "--guide_ema_power, or start a new run")
+            # updated with the EMA after every step, so its count is the EMA's
+            guide_average.load_state_dict(clean_state_dict(run.resume["guide_average"]),
+                                          run.resume["ema_updates"])
     seed_random_stream(run.resume, args.seed, ranks, step, device)
 
     train_model, eager_model = wrap_for_training(model, args.compile, ranks, device)
@@ -643,6 +663,8 @@ def train(run, ranks=Ranks(), device=None):
         if ranks.is_main:
             state = training_state(model, ema, optimizer, grad_scaler, scheduler, args, ranks, device,
                                    epoch=epoch, step=step, batch_in_epoch=batch_in_epoch, elapsed_s=elapsed())
+            if guide_average is not None:
+                state["guide_average"] = clean_state_dict(guide_average.state_dict())
             if guide is not None:
                 state["guide"] = clean_state_dict(guide.state_dict())
                 state["guide_config"] = dict(guide.config)  # shallower than the model's with --grow_epoch
@@ -693,6 +715,8 @@ def train(run, ranks=Ranks(), device=None):
                                      loss_weighting=args.loss_weighting, min_snr_gamma=args.min_snr_gamma,
                                      importance_sampling=args.importance_sampling)
                 ema.update(model)
+                if guide_average is not None:
+                    guide_average.update(model)
                 step, batch_in_epoch = step + 1, batch_in_epoch + 1
                 row_loss, row_steps = row_loss + loss, row_steps + 1
                 epoch_loss, epoch_steps = epoch_loss + loss, epoch_steps + 1
@@ -719,10 +743,13 @@ def train(run, ranks=Ranks(), device=None):
                         f"loss {ranks.mean(epoch_loss).item() / epoch_steps:.4f}  lr {lr:.2e}  {elapsed():.0f} s")
                 epoch, batch_in_epoch = epoch + 1, 0
                 if epoch == guide_epoch:
-                    guide = copy.deepcopy(ema.module)
-                    log(f"kept the EMA weights of epoch {epoch} as the guide")
+                    kept = guide_average or ema
+                    guide, guide_average = copy.deepcopy(kept.module), None
+                    log(f"kept the {'power-function average' if kept is not ema else 'EMA weights'} "
+                        f"of epoch {epoch} as the guide")
                 if grow_epoch and epoch == grow_epoch:
-                    model, ema, optimizer = grow_by_stacking(model, ema, optimizer, device)
+                    model, ema, optimizer, guide_average = grow_by_stacking(model, ema, optimizer, device,
+                                                                            guide_average)
                     train_model, eager_model = wrap_for_training(model, args.compile, ranks, device)
                     log(f"stacked {model.config['depth'] // 2} blocks into {model.config['depth']}: "
                         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")

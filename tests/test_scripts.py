@@ -253,6 +253,37 @@ def test_grow_epoch_stacks_the_network_keeps_a_shallow_guide_and_resumes_across_
     assert (tmp_path / "guided.png").read_bytes() != (tmp_path / "alone.png").read_bytes()
 
 
+def test_guide_ema_power_averages_the_guide_over_its_epoch_and_resumes_with_it(tiny_mnist, tmp_path):
+    """--guide_epoch 1 --guide_ema_power 0: the guide is the plain mean of the weights after
+    steps 1, 2 and 3 (the 3 steps of epoch 1), each read from a run stopped there. A run
+    stopped inside epoch 1 holds the average so far (and no guide yet); resumed, it ends with
+    the straight run's guide."""
+    common = ["--data_dir", tiny_mnist, *TINY_RUN, "--precision", "fp32", "--save_freq", "1",
+              "--guide_epoch", "1", "--guide_ema_power", "0", "--epochs", "2"]  # 3 steps per epoch
+    train.main([*common, "--save_dir", str(tmp_path / "straight")])
+    for steps in ("1", "2"):
+        train.main([*common, "--save_dir", str(tmp_path / steps), "--max_steps", steps])
+    part = load_checkpoint(str(tmp_path / "2" / "ckpt_final.pt"))
+    assert "guide" not in part and set(part["guide_average"]) == set(part["ema"])
+    models = [load_checkpoint(str(tmp_path / "1" / "ckpt_final.pt"))["model"], part["model"],
+              load_checkpoint(str(tmp_path / "straight" / "ckpt_epoch_1.pt"))["model"]]
+    straight = load_checkpoint(str(tmp_path / "straight" / "ckpt_final.pt"))
+    assert "guide_average" not in straight
+    for name, guide_weight in straight["guide"].items():
+        mean = sum(model[name].double() for model in models) / 3
+        assert torch.allclose(guide_weight.double(), mean, atol=1e-6), name
+    assert not torch.allclose(straight["guide"]["final_layer.linear.weight"],
+                              load_checkpoint(str(tmp_path / "straight" / "ckpt_epoch_1.pt"))["ema"]
+                              ["final_layer.linear.weight"])  # not the EMA
+
+    train.main(["--resume", str(tmp_path / "2" / "ckpt_final.pt"), "--max_steps", "6"])
+    resumed = load_checkpoint(str(tmp_path / "2" / "ckpt_final.pt"))
+    assert resumed["step"] == straight["step"] == 6
+    for key in ("model", "ema", "guide"):
+        for name, tensor in straight[key].items():
+            assert torch.allclose(tensor, resumed[key][name], atol=1e-6), (key, name)
+
+
 def test_resume_continues_from_the_saved_step(run_a, tiny_mnist, tmp_path):
     run_script("train.py", "--data_dir", tiny_mnist, "--save_dir", str(tmp_path),
                "--resume", str(run_a / "ckpt_final.pt"), "--max_steps", "6", *TINY_RUN)
@@ -382,11 +413,13 @@ def fail_if_called(what):
     (train.main, ["--adam_beta2", "1"], "must be in [0, 1), got 1"),
     (train.main, ["--epochs", "3", "--grow_epoch", "3"], "must be less than --epochs 3"),
     (train.main, ["--depth", "3", "--grow_epoch", "1"], "needs an even --depth (not 3)"),
+    (train.main, ["--guide_ema_power", "2"], "give --guide_epoch too"),
     # a save_dir that cannot be created: its parent, or the path itself, is a regular file
     (train.main, ["--save_dir", "{tmp}/a_file/run"], "cannot write files in the output directory"),
     (train.main, ["--save_dir", "{tmp}/a_file"], "cannot write files in the output directory"),
 ], ids=["model_shape", "num_workers", "cond_tokens", "importance_sampling_without_weights", "guide_epoch_too_late",
-        "adam_beta2_of_1", "grow_epoch_too_late", "grow_epoch_odd_depth", "save_dir_under_a_file", "save_dir_is_a_file"])
+        "adam_beta2_of_1", "grow_epoch_too_late", "grow_epoch_odd_depth",
+        "guide_ema_power_without_guide_epoch", "save_dir_under_a_file", "save_dir_is_a_file"])
 def test_bad_training_options_stop_before_the_data_is_read(main, args, expected, tiny_mnist, tmp_path,
                                                            monkeypatch, capsys):
     (tmp_path / "a_file").write_text("not a directory")

@@ -1,4 +1,4 @@
-"""EMA, the learning-rate schedule, the optimizer and growth by stacking, against closed forms."""
+"""EMA and the power-function average, the learning-rate schedule, the optimizer and growth by stacking, against closed forms."""
 import copy
 from types import SimpleNamespace
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dit import DiT
-from ema import EMA
+from ema import EMA, PowerEMA
 from training import grow_by_stacking, learning_rate, make_optimizer
 
 
@@ -25,6 +25,29 @@ def test_ema_starts_as_a_copy_and_follows_the_closed_form():
     for _ in range(200):
         ema.update(model)  # warm-up over: d = 0.9, the EMA converges to the weights
     assert torch.allclose(ema.module.weight, model.weight, atol=1e-6)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 2.0])
+def test_power_ema_weighs_each_step_as_its_closed_form(gamma):
+    """After n updates with weights theta_1..theta_n the average is
+    sum_k [(k/n)^(gamma+1) - ((k-1)/n)^(gamma+1)] theta_k, computed here in float64 from the
+    list of weights; gamma 0 is the plain mean. The module starts as a copy, as EMA's does."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    average = PowerEMA(model, gamma)
+    assert torch.equal(average.module.weight, model.weight)
+    seen = []
+    for _ in range(12):
+        with torch.no_grad():
+            model.weight.add_(torch.randn_like(model.weight))
+        seen.append(model.weight.detach().double().clone())
+        average.update(model)
+    n = len(seen)
+    expected = sum(((k / n) ** (gamma + 1) - ((k - 1) / n) ** (gamma + 1)) * w for k, w in enumerate(seen, 1))
+    assert torch.allclose(average.module.weight.double(), expected, atol=1e-5)
+    if gamma == 0:
+        assert torch.allclose(average.module.weight.double(), torch.stack(seen).mean(0), atol=1e-5)
+    assert not torch.allclose(expected, seen[-1], atol=1e-2)  # an average, not the last weights
 
 
 def test_learning_rate_warmup_then_step_decay_by_epochs():
@@ -251,10 +274,11 @@ def test_unknown_loss_weighting_is_refused(gamma):
                       loss_weighting="snr", min_snr_gamma=gamma)
 
 
-def test_growing_stacks_blocks_ema_and_adam_moments_and_adam_goes_on_with_them():
+def test_growing_stacks_blocks_averages_and_adam_moments_and_adam_goes_on_with_them():
     """A 2-block DiT after two AdamW steps, grown to 4 blocks: the deep network computes what
     the shallow one computes with its blocks run as [0, 1, 0, 1]; each deep parameter, its EMA
-    weight and its AdamW moments and step count equal those of its source (block i % 2), in
+    weight, its power-average weight (kind, gamma and count kept) and its AdamW moments and
+    step count equal those of its source (block i % 2), in
     tensors of their own; and the next AdamW step of a copied block follows Adam's closed
     form from the copied moments (a cold start would differ). Growing draws nothing from the
     global random stream."""
@@ -264,20 +288,24 @@ def test_growing_stacks_blocks_ema_and_adam_moments_and_adam_goes_on_with_them()
         for param in shallow.parameters():
             param.normal_(0, 0.2)
     optimizer = make_optimizer(shallow, lr=0.01, device="cpu", beta2=0.99)
-    ema = EMA(shallow, decay=0.9)
+    ema, guide_average = EMA(shallow, decay=0.9), PowerEMA(shallow, gamma=2.0)
     x, t = torch.randn(3, 1, 8, 8), torch.tensor([1, 400, 999])
     for _ in range(2):
         optimizer.zero_grad()
         ((shallow(x, t) - x) ** 2).mean().backward()
         optimizer.step()
         ema.update(shallow)
+        guide_average.update(shallow)
     before = copy.deepcopy(shallow)
     source_state = {name: copy.deepcopy(optimizer.state[p]) for name, p in shallow.named_parameters()}
 
     rng = torch.get_rng_state()
-    deep, deep_ema, deep_optimizer = grow_by_stacking(shallow, ema, optimizer, "cpu")
+    deep, deep_ema, deep_optimizer, deep_average = grow_by_stacking(shallow, ema, optimizer, "cpu", guide_average)
     assert torch.equal(torch.get_rng_state(), rng)  # training's noise stream goes on undisturbed
-    assert deep.config == dict(shallow.config, depth=4) and deep_ema.num_updates == 2
+    assert deep.config == dict(shallow.config, depth=4) and deep_ema.num_updates == deep_average.num_updates == 2
+    assert type(deep_ema) is EMA and deep_ema.decay == 0.9
+    assert type(deep_average) is PowerEMA and deep_average.gamma == 2.0
+    assert grow_by_stacking(shallow, ema, optimizer, "cpu")[3] is None  # no power average kept: none grown
     twice = copy.deepcopy(before)
     twice.blocks = torch.nn.ModuleList([twice.blocks[0], twice.blocks[1], twice.blocks[0], twice.blocks[1]])
     with torch.no_grad():
@@ -289,11 +317,14 @@ def test_growing_stacks_blocks_ema_and_adam_moments_and_adam_goes_on_with_them()
         return ".".join(["blocks", str(int(parts[1]) % 2), *parts[2:]]) if parts[0] == "blocks" else name
 
     shallow_params, ema_params = dict(before.named_parameters()), dict(ema.module.named_parameters())
+    average_params = dict(guide_average.module.named_parameters())
+    assert not torch.equal(average_params["blocks.0.mlp.fc1.weight"], ema_params["blocks.0.mlp.fc1.weight"])
     deep_params = dict(deep.named_parameters())
     assert len(deep_params) == len(shallow_params) + len([n for n in shallow_params if n.startswith("blocks.")])
     for name, param in deep_params.items():
         assert torch.equal(param, shallow_params[source(name)])
         assert torch.equal(deep_ema.module.state_dict()[name], ema_params[source(name)])
+        assert torch.equal(deep_average.module.state_dict()[name], average_params[source(name)])
         state = deep_optimizer.state[param]
         for key in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(state[key], source_state[source(name)][key]), (name, key)
