@@ -319,7 +319,8 @@ def grow_by_stacking(model, ema, optimizer, device, guide_average=None):
 
     deep.load_state_dict(stacked(model.state_dict()))
     deep_ema = ema.over(deep, stacked(ema.state_dict()))
-    deep_guide_average = guide_average and guide_average.over(deep, stacked(guide_average.state_dict()))
+    deep_guide_average = (None if guide_average is None
+                          else guide_average.over(deep, stacked(guide_average.state_dict())))
 
     saved = optimizer.state_dict()  # moments keyed by the parameter's place in model.parameters()
     index = {name: i for i, (name, _) in enumerate(model.named_parameters())}
@@ -743,7 +744,7 @@ def train(run, ranks=Ranks(), device=None):
                         f"loss {ranks.mean(epoch_loss).item() / epoch_steps:.4f}  lr {lr:.2e}  {elapsed():.0f} s")
                 epoch, batch_in_epoch = epoch + 1, 0
                 if epoch == guide_epoch:
-                    kept = guide_average or ema
+                    kept = ema if guide_average is None else guide_average
                     guide, guide_average = copy.deepcopy(kept.module), None
                     log(f"kept the {'power-function average' if kept is not ema else 'EMA weights'} "
                         f"of epoch {epoch} as the guide")
