@@ -72,6 +72,16 @@ def nonnegative_float(text):
     return value
 
 
+def nonnegative_float_or_none(text):
+    """A number >= 0, or none: the option's own choice, also where a recipe file set a number."""
+    if text.lower() == "none":
+        return None
+    try:
+        return nonnegative_float(text)
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 or none, got {text}") from None
+
+
 def probability(text):
     value = float(text)
     if not 0 <= value <= 1:

@@ -31,8 +31,8 @@ from data import DataError, load_training_set, make_loader, to_model_range
 from ema import EMA, PowerEMA
 from images import OutputError, check_output_dir, save_grid
 from options import (AMP_DTYPES, UsageError, add_device_arg, add_precision_arg, decay_below_one,
-                     nonnegative_float, nonnegative_int, positive_int, probability, resolve_device,
-                     resolve_precision)
+                     nonnegative_float, nonnegative_float_or_none, nonnegative_int, positive_int, probability,
+                     resolve_device, resolve_precision)
 from sampling import (DEFAULT_AUTOGUIDANCE_SCALE, DEFAULT_GUIDANCE_SCALE, PREVIEW_SAMPLER, PREVIEW_STEPS,
                       generate_images)
 from scheduler import LOSS_WEIGHTINGS, PREDICTIONS, SCHEDULES, NoiseScheduler
@@ -119,11 +119,11 @@ def add_training_args(parser, *, img_size, patch_size, save_dir, epochs, batch_s
                                 "i + depth/2 start as copies of block i, with its EMA weights and AdamW "
                                 "moments. A --guide_epoch up to E keeps the shallow network as the "
                                 "guide; 0 or none given: --depth blocks throughout")
-        group.add_argument("--guide_ema_power", type=nonnegative_float, default=None, metavar="GAMMA",
+        group.add_argument("--guide_ema_power", type=nonnegative_float_or_none, default=None, metavar="GAMMA",
                            help="make the guide a power-function average of the weights up to the end of "
                                 "epoch K instead of their EMA: step k weighs in proportion to k^GAMMA "
                                 "(EDM2, Karras et al. 2024), so the smaller GAMMA, the longer the stretch "
-                                "averaged; none given: the EMA weights")
+                                "averaged; none (the default): the EMA weights")
 
     group = parser.add_argument_group("run")
     group.add_argument("--seed", type=int, default=0, help="initial weights, data order, noise")

@@ -8,7 +8,7 @@ import torch
 
 from cli import run_main
 from images import OutputError, check_output_dir, check_output_file, sample_names
-from options import nonnegative_float, nonnegative_int
+from options import nonnegative_float, nonnegative_float_or_none, nonnegative_int
 from sampling import generate_images
 from scheduler import NoiseScheduler
 from tests.conftest import run_script
@@ -53,6 +53,14 @@ def test_no_amp_dtype_means_no_autocast():
 def test_nonnegative_float_rejects_what_is_not_a_finite_number_at_least_zero(text):
     with pytest.raises(argparse.ArgumentTypeError, match="finite number >= 0"):
         nonnegative_float(text)
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-0.5", "nothing"])
+def test_nonnegative_float_or_none_reads_none_and_refuses_the_rest(text):
+    assert nonnegative_float_or_none("none") is None and nonnegative_float_or_none("None") is None
+    assert nonnegative_float_or_none("0") == 0.0 and nonnegative_float_or_none("2") == 2.0
+    with pytest.raises(argparse.ArgumentTypeError, match="finite number >= 0 or none"):
+        nonnegative_float_or_none(text)
 
 
 def test_nonnegative_types_accept_zero_and_up():

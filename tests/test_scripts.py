@@ -414,12 +414,13 @@ def fail_if_called(what):
     (train.main, ["--epochs", "3", "--grow_epoch", "3"], "must be less than --epochs 3"),
     (train.main, ["--depth", "3", "--grow_epoch", "1"], "needs an even --depth (not 3)"),
     (train.main, ["--guide_ema_power", "2"], "give --guide_epoch too"),
+    (train.main, ["--guide_epoch", "1", "--guide_ema_power", "-1"], "must be a finite number >= 0 or none, got -1"),
     # a save_dir that cannot be created: its parent, or the path itself, is a regular file
     (train.main, ["--save_dir", "{tmp}/a_file/run"], "cannot write files in the output directory"),
     (train.main, ["--save_dir", "{tmp}/a_file"], "cannot write files in the output directory"),
 ], ids=["model_shape", "num_workers", "cond_tokens", "importance_sampling_without_weights", "guide_epoch_too_late",
         "adam_beta2_of_1", "grow_epoch_too_late", "grow_epoch_odd_depth",
-        "guide_ema_power_without_guide_epoch", "save_dir_under_a_file", "save_dir_is_a_file"])
+        "guide_ema_power_without_guide_epoch", "guide_ema_power_negative", "save_dir_under_a_file", "save_dir_is_a_file"])
 def test_bad_training_options_stop_before_the_data_is_read(main, args, expected, tiny_mnist, tmp_path,
                                                            monkeypatch, capsys):
     (tmp_path / "a_file").write_text("not a directory")
@@ -581,6 +582,8 @@ def test_recipes_parse_to_what_they_say(recipe):
     if getattr(args, "grow_epoch", None):  # and --grow_epoch 0 turns the growth off: the full depth from the start
         off = build_parser().parse_args([f"@{path}", "--grow_epoch", "0"])
         assert training.depth_at(args, 0) == args.depth // 2 and training.depth_at(off, 0) == off.depth
+    if getattr(args, "guide_ema_power", None) is not None:  # and none turns it off: the EMA is the guide
+        assert build_parser().parse_args([f"@{path}", "--guide_ema_power", "none"]).guide_ema_power is None
 
 
 def start_script(args, marker, timeout=120):
