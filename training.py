@@ -113,17 +113,17 @@ def add_training_args(parser, *, img_size, patch_size, save_dir, epochs, batch_s
                            help="keep the EMA weights of the end of epoch K in the later checkpoints as "
                                 "the guide of autoguidance: sampling runs guide + s (model - guide), "
                                 "s = --guidance_scale of infer.py; none given: no guide")
+        group.add_argument("--guide_ema_power", type=nonnegative_float_or_none, default=None, metavar="GAMMA",
+                           help="make the guide the power-function average of the weights up to the end "
+                                "of epoch K instead of their EMA, step k weighing in proportion to k^GAMMA "
+                                "(EDM2, Karras et al. 2024): the smaller GAMMA, the longer the stretch "
+                                "averaged; none (the default): the EMA")
         group.add_argument("--grow_epoch", type=nonnegative_int, default=None, metavar="E",
                            help="train --depth / 2 blocks for the first E epochs (each in about half "
                                 "the time), then stack them into --depth blocks: blocks i and "
                                 "i + depth/2 start as copies of block i, with its EMA weights and AdamW "
                                 "moments. A --guide_epoch up to E keeps the shallow network as the "
                                 "guide; 0 or none given: --depth blocks throughout")
-        group.add_argument("--guide_ema_power", type=nonnegative_float_or_none, default=None, metavar="GAMMA",
-                           help="make the guide a power-function average of the weights up to the end of "
-                                "epoch K instead of their EMA: step k weighs in proportion to k^GAMMA "
-                                "(EDM2, Karras et al. 2024), so the smaller GAMMA, the longer the stretch "
-                                "averaged; none (the default): the EMA weights")
 
     group = parser.add_argument_group("run")
     group.add_argument("--seed", type=int, default=0, help="initial weights, data order, noise")
