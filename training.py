@@ -184,8 +184,12 @@ def resolve_run(parser, argv, model_class, model_config):
     # rebuilt through NoiseScheduler: a checkpoint written before an option existed gets its default
     scheduler_config = NoiseScheduler(**resume["scheduler_config"]).config
     saved_config = dict(resume["model_config"], **scheduler_config)
-    changed = [f"--{key} {given[key]} (the checkpoint's is {value})"
-               for key, value in saved_config.items() if key in given and given[key] != value]
+    def differs(key, value):
+        if key == "depth" and getattr(args, "grow_epoch", None) is not None:  # model A: depth_at's blocks
+            return (f"--depth {args.depth} with --grow_epoch {args.grow_epoch}: {given[key]} blocks after "
+                    f"epoch {resume['epoch']} (the checkpoint's are {value})")
+        return f"--{key} {given[key]} (the checkpoint's is {value})"
+    changed = [differs(key, value) for key, value in saved_config.items() if key in given and given[key] != value]
     if changed:
         raise UsageError(f"{args.resume} holds a model and schedule of its own, but {', '.join(changed)}: "
                          "leave these options out to resume, or start a new run")

@@ -215,7 +215,8 @@ def test_guide_epoch_keeps_that_epochs_ema_for_autoguided_sampling(run_a, tiny_m
     assert "without a guide" in message
 
 
-def test_grow_epoch_stacks_the_network_keeps_a_shallow_guide_and_resumes_across_the_growth(tiny_mnist, tmp_path):
+def test_grow_epoch_stacks_the_network_keeps_a_shallow_guide_and_resumes_across_the_growth(tiny_mnist, tmp_path,
+                                                                                           monkeypatch, capsys):
     """--depth 2 --grow_epoch 1: epoch 1 trains 1 block, then the checkpoints hold 2 blocks
     that start as copies of it (EMA too), with the 1-block EMA of epoch 1 as the guide and its
     config beside it. A run stopped in the 1-block epoch and resumed ends where the straight
@@ -235,6 +236,9 @@ def test_grow_epoch_stacks_the_network_keeps_a_shallow_guide_and_resumes_across_
 
     train.main([*common, "--save_dir", str(tmp_path / "part"), "--max_steps", "2"])  # stops inside epoch 1
     assert load_checkpoint(str(tmp_path / "part" / "ckpt_final.pt"))["model_config"]["depth"] == 1
+    message = error_of(train.main, ["--resume", str(tmp_path / "part" / "ckpt_final.pt"), "--grow_epoch", "0"],
+                       monkeypatch, capsys)  # no growth would need 2 blocks now: the message says why
+    assert "--depth 2 with --grow_epoch 0: 2 blocks after epoch 0 (the checkpoint's are 1)" in message
     train.main(["--resume", str(tmp_path / "part" / "ckpt_final.pt"), "--max_steps", "9"])
     straight = load_checkpoint(str(tmp_path / "straight" / "ckpt_final.pt"))
     resumed = load_checkpoint(str(tmp_path / "part" / "ckpt_final.pt"))
