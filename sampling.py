@@ -204,8 +204,8 @@ DEFAULT_AUTOGUIDANCE_SCALE = 3.0
 # the 49-token run of configs/dit_cpu.args (bf16) MNIST-FID 1.47 / confidence 0.954 / digits
 # 7.5-12.9% against 1.63 / 0.953 / 7.4-12.8% guided at every step (the shipped model_a.pt 1.39 /
 # 0.957 / 7.3-12.2% against 1.93 / 0.954 / 7.2-12.3%); the 6-block dit_cpu_avx2.args run (fp32)
-# 2.04 / 0.933 / 8.7-11.6% against 2.47 / 0.933 / 8.4-11.8%. The bound 8 (only t = 0 unguided) reads 1.65 and
-# 2.56, the bound 1 (guided down to t = 333) 1.65 and 2.34.
+# 2.04 / 0.933 / 8.7-11.6% against 2.47 / 0.933 / 8.4-11.8%. The bound 8 (only t = 0 unguided)
+# reads 1.65 and 2.56, the bound 1 (guided down to t = 333) 1.65 and 2.34.
 DEFAULT_AUTOGUIDANCE_MAX_SNR = 4.0
 
 

@@ -110,8 +110,9 @@ def add_training_args(parser, *, img_size, patch_size, save_dir, epochs, batch_s
     group.add_argument("--compile", action="store_true", help="torch.compile the model")
     if guide:
         group.add_argument("--guide_epoch", type=positive_int, default=None, metavar="K",
-                           help="keep the EMA weights of the end of epoch K in the later checkpoints as "
-                                "the guide of autoguidance: sampling runs guide + s (model - guide), "
+                           help="keep the EMA weights of the end of epoch K (or their power average, "
+                                "--guide_ema_power) in the later checkpoints as the guide of "
+                                "autoguidance: sampling runs guide + s (model - guide), "
                                 "s = --guidance_scale of infer.py; none given: no guide")
         group.add_argument("--guide_ema_power", type=nonnegative_float_or_none, default=None, metavar="GAMMA",
                            help="make the guide the power-function average of the weights up to the end "
@@ -184,6 +185,7 @@ def resolve_run(parser, argv, model_class, model_config):
     # rebuilt through NoiseScheduler: a checkpoint written before an option existed gets its default
     scheduler_config = NoiseScheduler(**resume["scheduler_config"]).config
     saved_config = dict(resume["model_config"], **scheduler_config)
+
     def differs(key, value):
         if key == "depth" and getattr(args, "grow_epoch", None) is not None:  # model A: depth_at's blocks
             return (f"--depth {args.depth} with --grow_epoch {args.grow_epoch}: {given[key]} blocks after "
@@ -748,10 +750,11 @@ def train(run, ranks=Ranks(), device=None):
                         f"loss {ranks.mean(epoch_loss).item() / epoch_steps:.4f}  lr {lr:.2e}  {elapsed():.0f} s")
                 epoch, batch_in_epoch = epoch + 1, 0
                 if epoch == guide_epoch:
-                    kept = ema if guide_average is None else guide_average
-                    guide, guide_average = copy.deepcopy(kept.module), None
-                    log(f"kept the {'power-function average' if kept is not ema else 'EMA weights'} "
-                        f"of epoch {epoch} as the guide")
+                    if guide_average is None:
+                        guide, kept = copy.deepcopy(ema.module), "EMA weights"
+                    else:  # the average ends here: its module becomes the guide, no copy needed
+                        guide, guide_average, kept = guide_average.module, None, "power-function average"
+                    log(f"kept the {kept} of epoch {epoch} as the guide")
                 if grow_epoch and epoch == grow_epoch:
                     model, ema, optimizer, guide_average = grow_by_stacking(model, ema, optimizer, device,
                                                                             guide_average)

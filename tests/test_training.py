@@ -1,4 +1,5 @@
-"""EMA and the power-function average, the learning-rate schedule, the optimizer and growth by stacking, against closed forms."""
+"""EMA and the power-function average, the learning-rate schedule, the optimizer and growth by
+stacking, against closed forms."""
 import copy
 from types import SimpleNamespace
 
