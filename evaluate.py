@@ -311,8 +311,8 @@ def build_parser():
     guidance.add_argument("--guidance_scale", type=nonnegative_float, default=None,
                           help="classifier-free guidance scale of model B, or the autoguidance scale "
                                "of model A trained with --guide_epoch; none given: "
-                               f"{sampling.DEFAULT_GUIDANCE_SCALE:g} (B), "
-                               f"{sampling.DEFAULT_AUTOGUIDANCE_SCALE:g} (A with a guide)")
+                               f"{sampling.DEFAULT_GUIDANCE_SCALE:g} (B); A with a guide: the checkpoint's "
+                               f"(train.py --guidance_scale), else {sampling.DEFAULT_AUTOGUIDANCE_SCALE:g}")
     guidance.add_argument("--guidance_sweep", type=guidance_list, default=None, metavar="S1,S2,...",
                           help="evaluate several guidance scales, one row each, e.g. 0,1,2,3,5")
     add_guidance_max_snr_arg(parser)
@@ -363,7 +363,7 @@ def evaluate(args):
         labels, scales = None, [None]
         max_snr = sampling.DEFAULT_AUTOGUIDANCE_MAX_SNR if args.guidance_max_snr is None else args.guidance_max_snr
         if guide is not None:
-            scales = args.guidance_sweep or [sampling.DEFAULT_AUTOGUIDANCE_SCALE
+            scales = args.guidance_sweep or [sampling.run_autoguidance_scale(ckpt.get("args", {}))
                                              if args.guidance_scale is None else args.guidance_scale]
     steps = resolve_steps(args.steps, args.sampler, scheduler)  # the report states what ran
     check_sampler_options(args)

@@ -12,15 +12,16 @@ from cli import (PRETRAINED_A, add_guidance_max_snr_arg, add_sampling_args, load
 from dit import DiT
 from images import sample_names, save_samples
 from options import ArgumentParser, nonnegative_float
-from sampling import DEFAULT_AUTOGUIDANCE_MAX_SNR, DEFAULT_AUTOGUIDANCE_SCALE, generate_images
+from sampling import (DEFAULT_AUTOGUIDANCE_MAX_SNR, DEFAULT_AUTOGUIDANCE_SCALE, generate_images,
+                      run_autoguidance_scale)
 
 
 def build_parser():
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--guidance_scale", type=nonnegative_float, default=None,
                         help="autoguidance, for a checkpoint trained with --guide_epoch: pred = guide + "
-                             f"s * (model - guide), 1 is the model alone; none given: {DEFAULT_AUTOGUIDANCE_SCALE:g} "
-                             "with a guide")
+                             "s * (model - guide), 1 is the model alone; none given: the checkpoint's "
+                             f"(train.py --guidance_scale), else {DEFAULT_AUTOGUIDANCE_SCALE:g}")
     add_guidance_max_snr_arg(parser)
     add_sampling_args(parser, default_ckpt=PRETRAINED_A)
     return parser
@@ -31,7 +32,7 @@ def main(argv=None):
     model, scheduler, ckpt, device = load_for_sampling(args, expected_kind=DiT.kind)
     guide = load_guide(ckpt, args.ckpt, device,
                        guidance_given=args.guidance_scale is not None or args.guidance_max_snr is not None)
-    scale = DEFAULT_AUTOGUIDANCE_SCALE if args.guidance_scale is None else args.guidance_scale
+    scale = run_autoguidance_scale(ckpt.get("args", {})) if args.guidance_scale is None else args.guidance_scale
     max_snr = DEFAULT_AUTOGUIDANCE_MAX_SNR if args.guidance_max_snr is None else args.guidance_max_snr
     images = generate_images(model, scheduler, args.num_samples, guide=guide, guidance_scale=scale,
                              guidance_max_snr=max_snr, device=device, **sampling_kwargs(args, scheduler, device))

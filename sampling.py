@@ -197,6 +197,8 @@ DEFAULT_GUIDANCE_SCALE = 3.0
 # 7.3-12.2%, 1.40 / 0.962). 3 stays the default: the lowest FID of both, and on the 49-token run
 # the only scale of 2, 3 and 4 with every digit within 7-13%.
 DEFAULT_AUTOGUIDANCE_SCALE = 3.0
+
+
 # Model A's guidance stops below this noise level (autoguided_fn): SNR(t) = ab_t / (1 - ab_t) <= 4,
 # i.e. noise std >= half the signal's, t >= 145 of the default 1000-step linear schedule. The
 # default 10 DPM-Solver++ steps then guide down to t = 222 and leave t = 111 and 0 to the model
@@ -207,6 +209,13 @@ DEFAULT_AUTOGUIDANCE_SCALE = 3.0
 # 2.04 / 0.933 / 8.7-11.6% against 2.47 / 0.933 / 8.4-11.8%. The bound 8 (only t = 0 unguided)
 # reads 1.65 and 2.56, the bound 1 (guided down to t = 333) 1.65 and 2.34.
 DEFAULT_AUTOGUIDANCE_MAX_SNR = 4.0
+
+
+def run_autoguidance_scale(training_options):
+    """Model A's autoguidance scale where none is given: the one its run chose (train.py
+    --guidance_scale, among a checkpoint's training options "args"), else the default."""
+    scale = training_options.get("guidance_scale")
+    return DEFAULT_AUTOGUIDANCE_SCALE if scale is None else scale
 
 
 def guided_noise_fn(model, labels, guidance_scale):

@@ -34,7 +34,7 @@ from options import (AMP_DTYPES, UsageError, add_device_arg, add_precision_arg, 
                      nonnegative_float, nonnegative_float_or_none, nonnegative_int, positive_int, probability,
                      resolve_device, resolve_precision)
 from sampling import (DEFAULT_AUTOGUIDANCE_SCALE, DEFAULT_GUIDANCE_SCALE, PREVIEW_SAMPLER, PREVIEW_STEPS,
-                      generate_images)
+                      generate_images, run_autoguidance_scale)
 from scheduler import LOSS_WEIGHTINGS, PREDICTIONS, SCHEDULES, NoiseScheduler
 
 LOG_EVERY = 10  # optimizer steps between rows of metrics.csv (and progress-bar updates)
@@ -119,6 +119,11 @@ def add_training_args(parser, *, img_size, patch_size, save_dir, epochs, batch_s
                                 "of epoch K instead of their EMA, step k weighing in proportion to k^GAMMA "
                                 "(EDM2, Karras et al. 2024): the smaller GAMMA, the longer the stretch "
                                 "averaged; none (the default): the EMA")
+        group.add_argument("--guidance_scale", type=nonnegative_float_or_none, default=None, metavar="S",
+                           help="the autoguidance scale s that infer.py, evaluate.py and the previews use "
+                                "for this run's checkpoints unless given one: it suits the guide (a "
+                                "narrower guide average takes a larger s); none given: "
+                                f"{DEFAULT_AUTOGUIDANCE_SCALE:g}")
         group.add_argument("--grow_epoch", type=nonnegative_int, default=None, metavar="E",
                            help="train --depth / 2 blocks for the first E epochs (each in about half "
                                 "the time), then stack them into --depth blocks: blocks i and "
@@ -503,16 +508,16 @@ class MetricsLog:
             csv.DictWriter(f, self.COLUMNS).writerow(row)
 
 
-def save_preview(ema_model, scheduler, path, device, amp_dtype, guide=None):
+def save_preview(ema_model, scheduler, path, device, amp_dtype, guide=None, autoguidance_scale=None):
     """A grid of samples from the EMA weights, drawn with the sampler that is faithful to a
     weakly trained model (sampling.PREVIEW_SAMPLER): for a conditional model one row per
-    class, guided at the default scale; otherwise 4 x 4 samples, autoguided at the default
-    scale once the run holds a guide."""
+    class, guided at the default scale; otherwise 4 x 4 samples, autoguided at
+    `autoguidance_scale` (the run's, as infer.py draws them) once the run holds a guide."""
     if ema_model.num_classes:
         labels, nrow = torch.arange(ema_model.num_classes).repeat_interleave(8), 8
     else:
         labels, nrow = None, 4
-    scale = DEFAULT_GUIDANCE_SCALE if guide is None else DEFAULT_AUTOGUIDANCE_SCALE
+    scale = DEFAULT_GUIDANCE_SCALE if guide is None else autoguidance_scale
     images = generate_images(ema_model, scheduler, nrow * nrow if labels is None else len(labels),
                              labels=labels, guide=guide, guidance_scale=scale, sampler=PREVIEW_SAMPLER,
                              steps=min(PREVIEW_STEPS, scheduler.num_timesteps), seed=0, device=device,
@@ -611,6 +616,9 @@ def train(run, ranks=Ranks(), device=None):
     if guide_power is not None and guide_epoch is None:
         raise UsageError("--guide_ema_power sets how the guide of --guide_epoch is averaged: "
                          "give --guide_epoch too")
+    if getattr(args, "guidance_scale", None) is not None and guide_epoch is None:  # model A's option
+        raise UsageError("--guidance_scale sets the scale sampling uses with the guide of --guide_epoch: "
+                         "give --guide_epoch too")
     grow_epoch = getattr(args, "grow_epoch", None)  # model A's option
     if grow_epoch and (grow_epoch >= args.epochs or args.depth % 2):
         raise UsageError(f"--grow_epoch {grow_epoch} stacks --depth / 2 blocks into --depth: it needs an even "
@@ -679,7 +687,7 @@ def train(run, ranks=Ranks(), device=None):
                 save_checkpoint(state, path)
                 if preview_name:
                     save_preview(ema.module, scheduler, os.path.join(args.save_dir, preview_name),
-                                 device, amp_dtype, guide)
+                                 device, amp_dtype, guide, run_autoguidance_scale(vars(args)))
             except OSError as err:
                 error = f"could not write {path} or its preview: {err.strerror or err}"
         error = ranks.first_error(error)

@@ -14,7 +14,7 @@ from cli import run_main
 from dit import DiT
 from dit_cfg import ConditionalDiT
 from images import save_grid
-from sampling import DEFAULT_AUTOGUIDANCE_SCALE, DEFAULT_GUIDANCE_SCALE, generate_images
+from sampling import DEFAULT_GUIDANCE_SCALE, generate_images
 from scheduler import NoiseScheduler
 
 HEADER = "step,epoch,loss,lr,img_per_s,elapsed_s\n"
@@ -104,7 +104,8 @@ def test_checkpoint_figures_with_the_loss_curve_and_gif(tiny_ckpt, tmp_path):
 
 def test_model_a_figures_are_autoguided_as_infer_draws_them(tmp_path):
     """A model A checkpoint with a guide: the GIF's last frame is what generate_images draws with
-    that guide at the default scale and interval (infer.py's defaults), not the model alone."""
+    that guide at the scale its run chose (train.py --guidance_scale) and the default interval
+    (infer.py's defaults), not the model alone."""
     torch.manual_seed(0)
     model = DiT(img_size=IMG, patch_size=4, dim=32, depth=1, heads=2)
     weights = []
@@ -116,7 +117,7 @@ def test_model_a_figures_are_autoguided_as_infer_draws_them(tmp_path):
     path = str(tmp_path / "a.pt")
     save_checkpoint({"kind": model.kind, "model_config": dict(model.config), "model": weights[0],
                      "scheduler_config": NoiseScheduler(timesteps=50).config, "ema": weights[0],
-                     "guide": weights[1], "args": {"guide_epoch": 1}}, path)
+                     "guide": weights[1], "args": {"guide_epoch": 1, "guidance_scale": 2.0}}, path)
     samples, steps = 3, 4
     figures.main(["--ckpt", path, "--outdir", str(tmp_path / "out"), "--steps", str(steps), "--gif_samples",
                   str(samples), "--trajectory_columns", "2", "--trajectory_samples", "1", "--precision", "fp32"])
@@ -124,7 +125,7 @@ def test_model_a_figures_are_autoguided_as_infer_draws_them(tmp_path):
     model, scheduler, ckpt = figures.load_model(path)
     drawn = {}
     for name, guide in (("guided", build_guide(ckpt)), ("alone", None)):
-        images = generate_images(model, scheduler, samples, guide=guide, guidance_scale=DEFAULT_AUTOGUIDANCE_SCALE,
+        images = generate_images(model, scheduler, samples, guide=guide, guidance_scale=2.0,
                                  sampler="dpm++2m", steps=steps, seed=0)
         save_grid(images, tmp_path / f"{name}.png", nrow=samples, scale=3)
         drawn[name] = np.array(Image.open(tmp_path / f"{name}.png"))

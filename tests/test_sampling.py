@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from sampling import (DEFAULT_AUTOGUIDANCE_MAX_SNR, DEFAULT_STEPS, FEW_STEP_VARIANCE, SAMPLERS, VARIANCES,
-                      autoguided_fn, default_variance, generate_images, sample, timestep_schedule)
+from sampling import (DEFAULT_AUTOGUIDANCE_MAX_SNR, DEFAULT_AUTOGUIDANCE_SCALE, DEFAULT_STEPS, FEW_STEP_VARIANCE,
+                      SAMPLERS, VARIANCES, autoguided_fn, default_variance, generate_images, run_autoguidance_scale,
+                      sample, timestep_schedule)
 from scheduler import NoiseScheduler
 from tests.conftest import ref_alphas_cumprod
 
@@ -595,6 +596,15 @@ def test_a_v_model_samples_what_the_eps_model_samples(sampler, steps):
 
 
 # ------------------------------------------------------------ autoguidance (model A)
+
+
+def test_run_autoguidance_scale_is_the_runs_choice_else_the_default():
+    """A checkpoint's training options decide the scale; older ones (no such option) and runs
+    without it get the default; 0 (the guide alone) is a choice, not a missing value."""
+    assert run_autoguidance_scale({}) == DEFAULT_AUTOGUIDANCE_SCALE
+    assert run_autoguidance_scale({"guidance_scale": None}) == DEFAULT_AUTOGUIDANCE_SCALE
+    assert run_autoguidance_scale({"guidance_scale": 4.0}) == 4.0
+    assert run_autoguidance_scale({"guidance_scale": 0.0}) == 0.0
 
 
 def test_autoguidance_is_the_guide_plus_s_times_the_difference():

@@ -20,7 +20,7 @@ import train
 import train_cfg
 import train_cfg_ddp
 import training
-from checkpoint import CheckpointError, load_checkpoint, network
+from checkpoint import CheckpointError, load_checkpoint, load_model, network
 from cli import run_main
 from sampling import DEFAULT_AUTOGUIDANCE_MAX_SNR
 from tests.conftest import ROOT, TINY_MODEL, run_script
@@ -288,6 +288,34 @@ def test_guide_ema_power_averages_the_guide_over_its_epoch_and_resumes_with_it(t
             assert torch.allclose(tensor, resumed[key][name], atol=1e-6), (key, name)
 
 
+def test_guidance_scale_of_the_run_is_what_sampling_uses_unless_given_one(tiny_mnist, tmp_path):
+    """train.py --guidance_scale 1 (1: the model alone, which makes the effect exact): the
+    checkpoint keeps it, and infer.py, evaluate.py and the run's own previews draw what the
+    model alone draws, while --guidance_scale 3 given to infer.py still guides."""
+    train.main(["--data_dir", tiny_mnist, *TINY_RUN, "--precision", "fp32", "--guide_epoch", "1",
+                "--guidance_scale", "1", "--epochs", "2", "--save_dir", str(tmp_path / "run")])
+    ckpt = load_checkpoint(str(tmp_path / "run" / "ckpt_final.pt"))
+    assert ckpt["args"]["guidance_scale"] == 1 and "guide" in ckpt
+    unguided = dict(ckpt)
+    del unguided["guide"]
+    torch.save(unguided, tmp_path / "unguided.pt")
+    draw = ["--num_samples", "4", "--steps", "3", "--precision", "fp32"]
+    for name, ckpt_path, option in (("default", "run/ckpt_final.pt", []), ("alone", "unguided.pt", []),
+                                    ("s3", "run/ckpt_final.pt", ["--guidance_scale", "3"])):
+        infer.main(["--ckpt", str(tmp_path / ckpt_path), "--output", str(tmp_path / f"{name}.png"), *draw, *option])
+    assert (tmp_path / "default.png").read_bytes() == (tmp_path / "alone.png").read_bytes()
+    assert (tmp_path / "s3.png").read_bytes() != (tmp_path / "alone.png").read_bytes()
+
+    evaluate.main(["--ckpt", str(tmp_path / "run" / "ckpt_final.pt"), "--num_samples", "8", "--steps", "3",
+                   "--data_dir", tiny_mnist, "--precision", "fp32", "--json", str(tmp_path / "report.json")])
+    assert json.loads((tmp_path / "report.json").read_text())["results"][0]["guidance_scale"] == 1
+
+    # the final preview: what the model alone draws (a preview of the unguided weights)
+    model, scheduler, _ = load_model(str(tmp_path / "unguided.pt"))
+    training.save_preview(model, scheduler, str(tmp_path / "preview_alone.png"), torch.device("cpu"), None)
+    assert (tmp_path / "run" / "preview_final.png").read_bytes() == (tmp_path / "preview_alone.png").read_bytes()
+
+
 def test_resume_continues_from_the_saved_step(run_a, tiny_mnist, tmp_path):
     run_script("train.py", "--data_dir", tiny_mnist, "--save_dir", str(tmp_path),
                "--resume", str(run_a / "ckpt_final.pt"), "--max_steps", "6", *TINY_RUN)
@@ -419,12 +447,15 @@ def fail_if_called(what):
     (train.main, ["--depth", "3", "--grow_epoch", "1"], "needs an even --depth (not 3)"),
     (train.main, ["--guide_ema_power", "2"], "give --guide_epoch too"),
     (train.main, ["--guide_epoch", "1", "--guide_ema_power", "-1"], "must be a finite number >= 0 or none, got -1"),
+    (train.main, ["--guidance_scale", "4"], "give --guide_epoch too"),
+    (train.main, ["--guide_epoch", "1", "--guidance_scale", "-1"], "must be a finite number >= 0 or none, got -1"),
     # a save_dir that cannot be created: its parent, or the path itself, is a regular file
     (train.main, ["--save_dir", "{tmp}/a_file/run"], "cannot write files in the output directory"),
     (train.main, ["--save_dir", "{tmp}/a_file"], "cannot write files in the output directory"),
 ], ids=["model_shape", "num_workers", "cond_tokens", "importance_sampling_without_weights", "guide_epoch_too_late",
         "adam_beta2_of_1", "grow_epoch_too_late", "grow_epoch_odd_depth",
-        "guide_ema_power_without_guide_epoch", "guide_ema_power_negative", "save_dir_under_a_file", "save_dir_is_a_file"])
+        "guide_ema_power_without_guide_epoch", "guide_ema_power_negative", "guidance_scale_without_guide_epoch",
+        "guidance_scale_negative", "save_dir_under_a_file", "save_dir_is_a_file"])
 def test_bad_training_options_stop_before_the_data_is_read(main, args, expected, tiny_mnist, tmp_path,
                                                            monkeypatch, capsys):
     (tmp_path / "a_file").write_text("not a directory")
@@ -588,6 +619,8 @@ def test_recipes_parse_to_what_they_say(recipe):
         assert training.depth_at(args, 0) == args.depth // 2 and training.depth_at(off, 0) == off.depth
     if getattr(args, "guide_ema_power", None) is not None:  # and none turns it off: the EMA is the guide
         assert build_parser().parse_args([f"@{path}", "--guide_ema_power", "none"]).guide_ema_power is None
+    if getattr(args, "guidance_scale", None) is not None:  # and none gives sampling's default scale back
+        assert build_parser().parse_args([f"@{path}", "--guidance_scale", "none"]).guidance_scale is None
 
 
 def start_script(args, marker, timeout=120):
