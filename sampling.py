@@ -195,7 +195,9 @@ DEFAULT_GUIDANCE_SCALE = 3.0
 # configs/dit_cpu.args (16 tokens) 1.85 / 0.940 / 7.8-12.1%, 1.40 / 0.958 / 7.4-12.3% and 1.41 /
 # 0.962 / 7.9-12.9% (the shipped model_a.pt, those weights in bf16: 1.85 / 0.940, 1.39 / 0.957 /
 # 7.3-12.2%, 1.40 / 0.962). 3 stays the default: the lowest FID of both, and on the 49-token run
-# the only scale of 2, 3 and 4 with every digit within 7-13%.
+# the only scale of 2, 3 and 4 with every digit within 7-13%. A run may name its own
+# (train.py --guidance_scale, run_autoguidance_scale): configs/dit_cpu_avx2.args takes 4 with
+# its narrower guide average (docs/results.md, "The guide on AVX2 kernels").
 DEFAULT_AUTOGUIDANCE_SCALE = 3.0
 
 

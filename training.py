@@ -112,8 +112,8 @@ def add_training_args(parser, *, img_size, patch_size, save_dir, epochs, batch_s
         group.add_argument("--guide_epoch", type=positive_int, default=None, metavar="K",
                            help="keep the EMA weights of the end of epoch K (or their power average, "
                                 "--guide_ema_power) in the later checkpoints as the guide of "
-                                "autoguidance: sampling runs guide + s (model - guide), "
-                                "s = --guidance_scale of infer.py; none given: no guide")
+                                "autoguidance: sampling runs guide + s (model - guide), s = "
+                                "--guidance_scale (infer.py's, else this run's); none given: no guide")
         group.add_argument("--guide_ema_power", type=nonnegative_float_or_none, default=None, metavar="GAMMA",
                            help="make the guide the power-function average of the weights up to the end "
                                 "of epoch K instead of their EMA, step k weighing in proportion to k^GAMMA "
