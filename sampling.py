@@ -199,8 +199,6 @@ DEFAULT_GUIDANCE_SCALE = 3.0
 # (train.py --guidance_scale, run_autoguidance_scale): configs/dit_cpu_avx2.args takes 4 with
 # its narrower guide average (docs/results.md, "The guide on AVX2 kernels").
 DEFAULT_AUTOGUIDANCE_SCALE = 3.0
-
-
 # Model A's guidance stops below this noise level (autoguided_fn): SNR(t) = ab_t / (1 - ab_t) <= 4,
 # i.e. noise std >= half the signal's, t >= 145 of the default 1000-step linear schedule. The
 # default 10 DPM-Solver++ steps then guide down to t = 222 and leave t = 111 and 0 to the model
