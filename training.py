@@ -508,7 +508,8 @@ class MetricsLog:
             csv.DictWriter(f, self.COLUMNS).writerow(row)
 
 
-def save_preview(ema_model, scheduler, path, device, amp_dtype, guide=None, autoguidance_scale=None):
+def save_preview(ema_model, scheduler, path, device, amp_dtype, guide=None,
+                 autoguidance_scale=DEFAULT_AUTOGUIDANCE_SCALE):
     """A grid of samples from the EMA weights, drawn with the sampler that is faithful to a
     weakly trained model (sampling.PREVIEW_SAMPLER): for a conditional model one row per
     class, guided at the default scale; otherwise 4 x 4 samples, autoguided at
@@ -612,13 +613,12 @@ def train(run, ranks=Ranks(), device=None):
     if guide_epoch is not None and guide_epoch >= args.epochs:
         raise UsageError(f"--guide_epoch {guide_epoch} must be less than --epochs {args.epochs}: "
                          "the guide is the model of an earlier epoch")
-    guide_power = getattr(args, "guide_ema_power", None)  # model A's option
-    if guide_power is not None and guide_epoch is None:
-        raise UsageError("--guide_ema_power sets how the guide of --guide_epoch is averaged: "
-                         "give --guide_epoch too")
-    if getattr(args, "guidance_scale", None) is not None and guide_epoch is None:  # model A's option
-        raise UsageError("--guidance_scale sets the scale sampling uses with the guide of --guide_epoch: "
-                         "give --guide_epoch too")
+    guide_power = getattr(args, "guide_ema_power", None)  # model A's options, both about the guide
+    for option, what in (("guide_ema_power", "how the guide of --guide_epoch is averaged"),
+                         ("guidance_scale", "the scale sampling uses with the guide of --guide_epoch")):
+        if getattr(args, option, None) is not None and guide_epoch is None:
+            raise UsageError(f"--{option} sets {what}: give --guide_epoch too")
+    guide_scale = run_autoguidance_scale(vars(args))  # the previews draw as infer.py will
     grow_epoch = getattr(args, "grow_epoch", None)  # model A's option
     if grow_epoch and (grow_epoch >= args.epochs or args.depth % 2):
         raise UsageError(f"--grow_epoch {grow_epoch} stacks --depth / 2 blocks into --depth: it needs an even "
@@ -687,7 +687,7 @@ def train(run, ranks=Ranks(), device=None):
                 save_checkpoint(state, path)
                 if preview_name:
                     save_preview(ema.module, scheduler, os.path.join(args.save_dir, preview_name),
-                                 device, amp_dtype, guide, run_autoguidance_scale(vars(args)))
+                                 device, amp_dtype, guide, guide_scale)
             except OSError as err:
                 error = f"could not write {path} or its preview: {err.strerror or err}"
         error = ranks.first_error(error)

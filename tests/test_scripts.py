@@ -445,9 +445,11 @@ def fail_if_called(what):
     (train.main, ["--adam_beta2", "1"], "must be in [0, 1), got 1"),
     (train.main, ["--epochs", "3", "--grow_epoch", "3"], "must be less than --epochs 3"),
     (train.main, ["--depth", "3", "--grow_epoch", "1"], "needs an even --depth (not 3)"),
-    (train.main, ["--guide_ema_power", "2"], "give --guide_epoch too"),
+    (train.main, ["--guide_ema_power", "2"],
+     "--guide_ema_power sets how the guide of --guide_epoch is averaged: give --guide_epoch too"),
     (train.main, ["--guide_epoch", "1", "--guide_ema_power", "-1"], "must be a finite number >= 0 or none, got -1"),
-    (train.main, ["--guidance_scale", "4"], "give --guide_epoch too"),
+    (train.main, ["--guidance_scale", "4"],
+     "--guidance_scale sets the scale sampling uses with the guide of --guide_epoch: give --guide_epoch too"),
     (train.main, ["--guide_epoch", "1", "--guidance_scale", "-1"], "must be a finite number >= 0 or none, got -1"),
     # a save_dir that cannot be created: its parent, or the path itself, is a regular file
     (train.main, ["--save_dir", "{tmp}/a_file/run"], "cannot write files in the output directory"),
