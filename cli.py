@@ -11,7 +11,8 @@ from dit import ModelConfigError
 from images import OutputError, check_output
 from options import (DeviceError, UsageError, add_device_arg, add_precision_arg, autocast_dtype,
                      nonnegative_float, positive_int, resolve_device, snr_bound)
-from sampling import DEFAULT_AUTOGUIDANCE_MAX_SNR, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, VARIANCES, default_steps
+from sampling import (DEFAULT_AUTOGUIDANCE_MAX_SNR, DEFAULT_AUTOGUIDANCE_MIN_SNR, DEFAULT_SAMPLER, DEFAULT_STEPS,
+                      SAMPLERS, VARIANCES, default_steps, run_autoguidance)
 from scheduler import ScheduleError
 
 # the default weights of infer.py and infer_cfg.py, trained by the CPU recipes (pretrained/README.md)
@@ -51,13 +52,35 @@ def check_sampler_options(args):
         raise UsageError("--variance is a DDPM option (use --sampler ddpm)")
 
 
-def add_guidance_max_snr_arg(parser):
-    """--guidance_max_snr: where model A's autoguidance acts (infer.py, evaluate.py)."""
+def add_guidance_interval_args(parser):
+    """--guidance_max_snr and --guidance_min_snr: where model A's autoguidance acts (infer.py,
+    evaluate.py)."""
     parser.add_argument("--guidance_max_snr", type=snr_bound, default=None, metavar="S",
                         help="model A: autoguide only the steps whose signal-to-noise ratio "
                              "ab_t / (1 - ab_t) is at most S, the model alone on the cleaner ones "
                              "(a guidance interval); inf guides every step; none given: "
                              f"{DEFAULT_AUTOGUIDANCE_MAX_SNR:g}")
+    parser.add_argument("--guidance_min_snr", type=snr_bound, default=None, metavar="S",
+                        help="model A: autoguide only the steps whose signal-to-noise ratio is at "
+                             "least S, the model alone on the noisier ones, where the digit's class "
+                             "is settled; 0 guides them; none given: the checkpoint's (train.py "
+                             f"--guidance_min_snr), else {DEFAULT_AUTOGUIDANCE_MIN_SNR:g}")
+
+
+def resolve_autoguidance(args, ckpt):
+    """(scale, min_snr, max_snr) of model A's autoguidance: each option given, else the run's
+    choice (train.py, in the checkpoint's options), else the default. An interval that guides
+    no step is a UsageError."""
+    scale, min_snr = run_autoguidance(ckpt.get("args", {}))
+    if args.guidance_scale is not None:
+        scale = args.guidance_scale
+    if args.guidance_min_snr is not None:
+        min_snr = args.guidance_min_snr
+    max_snr = DEFAULT_AUTOGUIDANCE_MAX_SNR if args.guidance_max_snr is None else args.guidance_max_snr
+    if min_snr > max_snr:
+        raise UsageError(f"no step would be guided: the lower SNR bound {min_snr:g} (--guidance_min_snr, "
+                         f"else the checkpoint's) is above the upper one {max_snr:g} (--guidance_max_snr)")
+    return scale, min_snr, max_snr
 
 
 def add_sampling_args(parser, default_ckpt):

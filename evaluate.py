@@ -39,8 +39,8 @@ from tqdm import tqdm
 
 import sampling
 from checkpoint import load_model, one_line_reason, save_checkpoint
-from cli import (PRETRAINED, add_eta_arg, add_guidance_max_snr_arg, add_sampler_args, add_variance_arg,
-                 check_sampler_options, load_guide, resolve_steps, run_main)
+from cli import (PRETRAINED, add_eta_arg, add_guidance_interval_args, add_sampler_args, add_variance_arg,
+                 check_sampler_options, load_guide, resolve_autoguidance, resolve_steps, run_main)
 from data import MNIST_CLASSES, load_mnist, resize_images, to_model_range
 from images import check_output_file
 from options import (AMP_DTYPES, ArgumentParser, UsageError, add_device_arg, add_precision_arg, guidance_list,
@@ -315,7 +315,7 @@ def build_parser():
                                f"(train.py --guidance_scale), else {sampling.DEFAULT_AUTOGUIDANCE_SCALE:g}")
     guidance.add_argument("--guidance_sweep", type=guidance_list, default=None, metavar="S1,S2,...",
                           help="evaluate several guidance scales, one row each, e.g. 0,1,2,3,5")
-    add_guidance_max_snr_arg(parser)
+    add_guidance_interval_args(parser)
     add_sampler_args(parser)
     add_eta_arg(parser)
     add_variance_arg(parser)
@@ -352,19 +352,20 @@ def evaluate(args):
         labels = torch.arange(MNIST_CLASSES).repeat_interleave(args.num_samples // MNIST_CLASSES)  # 0,0,..,1,1,..
         scales = args.guidance_sweep or [sampling.DEFAULT_GUIDANCE_SCALE
                                          if args.guidance_scale is None else args.guidance_scale]
-        if args.guidance_max_snr is not None:
-            raise UsageError("--guidance_max_snr sets where model A's autoguidance acts; "
-                             f"{args.ckpt} holds model B, guided at every step")
-        guide, max_snr = None, None
+        for option in ("guidance_max_snr", "guidance_min_snr"):
+            if getattr(args, option) is not None:
+                raise UsageError(f"--{option} sets where model A's autoguidance acts; "
+                                 f"{args.ckpt} holds model B, guided at every step")
+        guide, min_snr, max_snr = None, None, None
     else:
         guide = load_guide(ckpt, args.ckpt, device,
                            guidance_given=any(option is not None for option in (
-                               args.guidance_scale, args.guidance_sweep, args.guidance_max_snr)))
+                               args.guidance_scale, args.guidance_sweep, args.guidance_max_snr,
+                               args.guidance_min_snr)))
         labels, scales = None, [None]
-        max_snr = sampling.DEFAULT_AUTOGUIDANCE_MAX_SNR if args.guidance_max_snr is None else args.guidance_max_snr
+        scale, min_snr, max_snr = resolve_autoguidance(args, ckpt)
         if guide is not None:
-            scales = args.guidance_sweep or [sampling.run_autoguidance_scale(ckpt.get("args", {}))
-                                             if args.guidance_scale is None else args.guidance_scale]
+            scales = args.guidance_sweep or [scale]
     steps = resolve_steps(args.steps, args.sampler, scheduler)  # the report states what ran
     check_sampler_options(args)
     precision = resolve_precision(args.precision, device)
@@ -394,6 +395,7 @@ def evaluate(args):
         t0 = time.perf_counter()
         samples = sampling.generate_images(model, scheduler, args.num_samples, labels=labels,
                                            guidance_scale=scale, guide=guide, guidance_max_snr=max_snr,
+                                           guidance_min_snr=min_snr,
                                            sampler=args.sampler, steps=steps,
                                            eta=args.eta, variance=args.variance,
                                            seed=args.seed, device=device, amp_dtype=AMP_DTYPES[precision],
@@ -410,6 +412,7 @@ def evaluate(args):
         "guide_epoch": ckpt["args"].get("guide_epoch") if guide is not None else None,
         # JSON has no infinity: "inf" when every step is guided
         "guidance_max_snr": None if guide is None else max_snr if math.isfinite(max_snr) else "inf",
+        "guidance_min_snr": None if guide is None else min_snr,
         "num_samples": args.num_samples, "sampler": args.sampler, "steps": steps, "eta": args.eta,
         "variance": args.variance,
         "seed": args.seed, "device": str(device),
@@ -430,7 +433,7 @@ def print_report(report):
     weights = ("EMA" if r["use_ema"] else "raw") + " weights"
     if r["guide_epoch"] is not None:
         weights += (f", autoguided by its EMA of epoch {r['guide_epoch']} "
-                    f"where SNR(t) <= {r['guidance_max_snr']}")
+                    f"where {r['guidance_min_snr']:g} <= SNR(t) <= {r['guidance_max_snr']}")
     print(f"\ncheckpoint  {r['checkpoint']} ({r['kind']}, {weights})")
     noise = "" if r["variance"] is None else f" ({r['variance']} variance)"
     if r["eta"]:

@@ -29,8 +29,8 @@ from dit_cfg import ConditionalDiT
 from images import check_output_dir, save_gif, save_grid
 from options import (ArgumentParser, UsageError, add_device_arg, add_precision_arg, autocast_dtype,
                      guidance_list, nonnegative_float, positive_int, resolve_device)
-from sampling import (DEFAULT_AUTOGUIDANCE_SCALE, DEFAULT_GUIDANCE_SCALE, autoguided_fn, generate_images,
-                      guided_noise_fn, run_autoguidance_scale, sample, timestep_schedule)
+from sampling import (DEFAULT_GUIDANCE_SCALE, autoguided_fn, generate_images, guided_noise_fn, run_autoguidance,
+                      sample, timestep_schedule)
 from training import MetricsLog
 
 METRICS_COLUMNS = MetricsLog.COLUMNS  # what training writes
@@ -222,15 +222,17 @@ def guidance_sweep(model, scheduler, scales, sampler, steps, seed, device, amp_d
 
 
 def recorded_sampling(model, scheduler, num_samples, sampler, steps, seed, device, amp_dtype, record_at,
-                      guide=None, guide_scale=DEFAULT_AUTOGUIDANCE_SCALE):
+                      autoguidance=None):
     """Sample num_samples images as infer.py and infer_cfg.py draw them (model B: digits 0, 1, ...
-    at the default guidance; model A: autoguided at guide_scale, the checkpoint's, when it has a
-    guide) and record the steps at timesteps record_at: (final x0 (N, C, H, W), [(t, x_t, x0_hat)])."""
+    at the default guidance; model A: autoguided as its checkpoint says, autoguidance = (guide,
+    scale, min_snr), or alone where that is None) and record the steps at timesteps record_at:
+    (final x0 (N, C, H, W), [(t, x_t, x0_hat)])."""
     if isinstance(model, ConditionalDiT):
         labels = torch.arange(num_samples, device=device) % model.num_classes
         model_fn = guided_noise_fn(model, labels, DEFAULT_GUIDANCE_SCALE)
-    elif guide is not None:
-        model_fn = autoguided_fn(model, guide, guide_scale, scheduler)
+    elif autoguidance is not None:
+        guide, scale, min_snr = autoguidance
+        model_fn = autoguided_fn(model, guide, scale, scheduler, min_snr=min_snr)
     else:
         model_fn = model
     generator = torch.Generator(device).manual_seed(seed)
@@ -240,27 +242,27 @@ def recorded_sampling(model, scheduler, num_samples, sampler, steps, seed, devic
                       generator=generator, device=device, trajectory_at=record_at)
 
 
-def trajectory(model, scheduler, num_samples, columns, sampler, steps, seed, device, amp_dtype=None, guide=None,
-               guide_scale=DEFAULT_AUTOGUIDANCE_SCALE):
+def trajectory(model, scheduler, num_samples, columns, sampler, steps, seed, device, amp_dtype=None,
+               autoguidance=None):
     """(2 * num_samples * columns, C, H, W): per sample a row of x_t and a row of x0_hat.
 
     columns >= 2: the first column is t = T-1 and the last t = 0."""
     visited = timestep_schedule(scheduler.num_timesteps, steps)
     shown = [visited[round(i * (len(visited) - 1) / (columns - 1))] for i in range(columns)]
     _, steps_seen = recorded_sampling(model, scheduler, num_samples, sampler, steps, seed, device,
-                                      amp_dtype, shown, guide, guide_scale)
+                                      amp_dtype, shown, autoguidance)
     x_t = torch.stack([x for _, x, _ in steps_seen], dim=1)   # (N, columns, C, H, W)
     x0_hat = torch.stack([x0 for _, _, x0 in steps_seen], dim=1)
     return torch.stack([x_t, x0_hat], dim=1).flatten(0, 2).cpu(), [t for t, _, _ in steps_seen]
 
 
-def denoising_frames(model, scheduler, num_samples, sampler, steps, seed, device, amp_dtype=None, guide=None,
-                     guide_scale=DEFAULT_AUTOGUIDANCE_SCALE):
+def denoising_frames(model, scheduler, num_samples, sampler, steps, seed, device, amp_dtype=None,
+                     autoguidance=None):
     """steps + 1 batches (N, C, H, W): the noise x_T, then x_t after each sampler step, the
     last being the final samples."""
     final, steps_seen = recorded_sampling(model, scheduler, num_samples, sampler, steps, seed, device,
-                                          amp_dtype, timestep_schedule(scheduler.num_timesteps, steps), guide,
-                                          guide_scale)
+                                          amp_dtype, timestep_schedule(scheduler.num_timesteps, steps),
+                                          autoguidance)
     # each step's input is the previous step's output, so the inputs and the final output
     # make the whole sequence
     return [x.cpu() for _, x, _ in steps_seen] + [final.cpu()]
@@ -313,7 +315,7 @@ def main(argv=None):
         device = resolve_device(args.device)
         model, scheduler, ckpt = load_model(args.ckpt, device, use_ema=not args.no_ema)
         guide = build_guide(ckpt, device)  # model A's autoguidance network, if it was trained with one
-        guide_scale = run_autoguidance_scale(ckpt.get("args", {}))
+        autoguidance = None if guide is None else (guide, *run_autoguidance(ckpt.get("args", {})))
         steps = resolve_steps(args.steps, args.sampler, scheduler)
         amp_dtype = autocast_dtype(args.precision, device)
 
@@ -333,13 +335,13 @@ def main(argv=None):
         print(f"wrote {path}: rows = digits 0-9, columns = guidance scales {args.scales}")
 
     images, shown = trajectory(model, scheduler, args.trajectory_samples, args.trajectory_columns,
-                               args.sampler, steps, args.seed, device, amp_dtype, guide, guide_scale)
+                               args.sampler, steps, args.seed, device, amp_dtype, autoguidance)
     path = os.path.join(args.outdir, "trajectory.png")
     save_grid(images, path, nrow=len(shown), scale=args.scale)
     print(f"wrote {path}: columns t = {shown}; per sample, x_t above and x0_hat below")
 
     frames = denoising_frames(model, scheduler, args.gif_samples, args.sampler, steps, args.seed, device,
-                              amp_dtype, guide, guide_scale)
+                              amp_dtype, autoguidance)
     path = os.path.join(args.outdir, "denoising.gif")
     frame_ms = min(max(GIF_MOTION_MS // len(frames), 20), 200)
     save_gif(frames, path, nrow=len(frames[0]), scale=args.scale, frame_ms=frame_ms, last_ms=GIF_LAST_MS)

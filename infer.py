@@ -7,13 +7,12 @@
 """
 import math
 
-from cli import (PRETRAINED_A, add_guidance_max_snr_arg, add_sampling_args, load_for_sampling, load_guide, run_main,
-                 sampling_kwargs)
+from cli import (PRETRAINED_A, add_guidance_interval_args, add_sampling_args, load_for_sampling, load_guide,
+                 resolve_autoguidance, run_main, sampling_kwargs)
 from dit import DiT
 from images import sample_names, save_samples
 from options import ArgumentParser, nonnegative_float
-from sampling import (DEFAULT_AUTOGUIDANCE_MAX_SNR, DEFAULT_AUTOGUIDANCE_SCALE, generate_images,
-                      run_autoguidance_scale)
+from sampling import DEFAULT_AUTOGUIDANCE_SCALE, generate_images
 
 
 def build_parser():
@@ -22,7 +21,7 @@ def build_parser():
                         help="autoguidance, for a checkpoint trained with --guide_epoch: pred = guide + "
                              "s * (model - guide), 1 is the model alone; none given: the checkpoint's "
                              f"(train.py --guidance_scale), else {DEFAULT_AUTOGUIDANCE_SCALE:g}")
-    add_guidance_max_snr_arg(parser)
+    add_guidance_interval_args(parser)
     add_sampling_args(parser, default_ckpt=PRETRAINED_A)
     return parser
 
@@ -30,12 +29,12 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     model, scheduler, ckpt, device = load_for_sampling(args, expected_kind=DiT.kind)
-    guide = load_guide(ckpt, args.ckpt, device,
-                       guidance_given=args.guidance_scale is not None or args.guidance_max_snr is not None)
-    scale = run_autoguidance_scale(ckpt.get("args", {})) if args.guidance_scale is None else args.guidance_scale
-    max_snr = DEFAULT_AUTOGUIDANCE_MAX_SNR if args.guidance_max_snr is None else args.guidance_max_snr
+    guide = load_guide(ckpt, args.ckpt, device, guidance_given=any(option is not None for option in (
+        args.guidance_scale, args.guidance_max_snr, args.guidance_min_snr)))
+    scale, min_snr, max_snr = resolve_autoguidance(args, ckpt)
     images = generate_images(model, scheduler, args.num_samples, guide=guide, guidance_scale=scale,
-                             guidance_max_snr=max_snr, device=device, **sampling_kwargs(args, scheduler, device))
+                             guidance_max_snr=max_snr, guidance_min_snr=min_snr, device=device,
+                             **sampling_kwargs(args, scheduler, device))
     save_samples(images, args.output, sample_names(args.num_samples),
                  nrow=math.ceil(math.sqrt(args.num_samples)), scale=args.scale)
     print(f"wrote {args.num_samples} sample(s) to {args.output} (weights: {args.ckpt})")

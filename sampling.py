@@ -196,7 +196,7 @@ DEFAULT_GUIDANCE_SCALE = 3.0
 # 0.962 / 7.9-12.9% (the shipped model_a.pt, those weights in bf16: 1.85 / 0.940, 1.39 / 0.957 /
 # 7.3-12.2%, 1.40 / 0.962). 3 stays the default: the lowest FID of both, and on the 49-token run
 # the only scale of 2, 3 and 4 with every digit within 7-13%. A run may name its own
-# (train.py --guidance_scale, run_autoguidance_scale): configs/dit_cpu_avx2.args takes 4 with
+# (train.py --guidance_scale, run_autoguidance): configs/dit_cpu_avx2.args takes 4 with
 # its narrower guide average (docs/results.md, "The guide on AVX2 kernels").
 DEFAULT_AUTOGUIDANCE_SCALE = 3.0
 # Model A's guidance stops below this noise level (autoguided_fn): SNR(t) = ab_t / (1 - ab_t) <= 4,
@@ -209,13 +209,23 @@ DEFAULT_AUTOGUIDANCE_SCALE = 3.0
 # 2.04 / 0.933 / 8.7-11.6% against 2.47 / 0.933 / 8.4-11.8%. The bound 8 (only t = 0 unguided)
 # reads 1.65 and 2.56, the bound 1 (guided down to t = 333) 1.65 and 2.34.
 DEFAULT_AUTOGUIDANCE_MAX_SNR = 4.0
+# ... and starts above this one: 0, every step from the noisiest on. A run may name its own
+# (train.py --guidance_min_snr): configs/dit_cpu_avx2.args takes 0.02 (noise std about 7x the
+# signal's, t <= 621), which leaves the 10 default steps t = 999, 888, 777 and 666 to the model
+# alone. On those steps the image is almost pure noise and its class is being settled: there the
+# guide's own class bias, which differs from run to run, would be multiplied by s - 1 and
+# over-draw one digit (docs/results.md, "A guidance interval for the AVX2 recipe").
+DEFAULT_AUTOGUIDANCE_MIN_SNR = 0.0
 
 
-def run_autoguidance_scale(training_options):
-    """Model A's autoguidance scale where none is given: the one its run chose (train.py
-    --guidance_scale, among a checkpoint's training options "args"), else the default."""
+def run_autoguidance(training_options):
+    """(scale, min_snr): model A's autoguidance scale and the lower SNR bound of its interval
+    where none are given: the ones its run chose (train.py --guidance_scale and
+    --guidance_min_snr, among a checkpoint's training options "args"), else the defaults."""
     scale = training_options.get("guidance_scale")
-    return DEFAULT_AUTOGUIDANCE_SCALE if scale is None else scale
+    min_snr = training_options.get("guidance_min_snr")
+    return (DEFAULT_AUTOGUIDANCE_SCALE if scale is None else scale,
+            DEFAULT_AUTOGUIDANCE_MIN_SNR if min_snr is None else min_snr)
 
 
 def guided_noise_fn(model, labels, guidance_scale):
@@ -240,18 +250,20 @@ def guided_noise_fn(model, labels, guidance_scale):
     return noise_fn
 
 
-def autoguided_fn(model, guide, guidance_scale, scheduler, max_snr=DEFAULT_AUTOGUIDANCE_MAX_SNR):
+def autoguided_fn(model, guide, guidance_scale, scheduler, max_snr=DEFAULT_AUTOGUIDANCE_MAX_SNR,
+                  min_snr=DEFAULT_AUTOGUIDANCE_MIN_SNR):
     """Autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of
     itself") for model A as a model_fn(x_t, t), applied in a limited interval of noise levels
     (Kynkaenniemi et al. 2024, "Applying guidance in a limited interval improves sample and
     distribution quality in diffusion models"):
 
-        out = guide(x_t, t) + s * (model(x_t, t) - guide(x_t, t))   where SNR(t) <= max_snr
-        out = model(x_t, t)                                          where SNR(t) >  max_snr
+        out = guide(x_t, t) + s * (model(x_t, t) - guide(x_t, t))   where min_snr <= SNR(t) <= max_snr
+        out = model(x_t, t)                                          elsewhere
 
     with SNR(t) = ab_t / (1 - ab_t) from `scheduler`: the guidance shapes the digit while the
     image is still noisy and leaves the last, nearly clean steps to the model alone (max_snr = inf
-    guides every step). `guide` is the same network with weaker weights (model A: its EMA from an
+    guides every step); min_snr > 0 also leaves it the noisiest steps, where the digit's class is
+    settled (min_snr = 0 guides them). `guide` is the same network with weaker weights (model A: its EMA from an
     early epoch, training.py --guide_epoch). Where the two agree the sample follows both; where
     the trained model has moved away from the weak one, s > 1 pushes further in that
     direction, which sharpens shapes the weak model only half drew. The weights sum to one, so
@@ -262,9 +274,9 @@ def autoguided_fn(model, guide, guidance_scale, scheduler, max_snr=DEFAULT_AUTOG
     snr = scheduler.snr  # (T,)
 
     def model_fn(x, t):
-        guided = snr[t] <= max_snr  # (B,)
+        guided = (snr[t] >= min_snr) & (snr[t] <= max_snr)  # (B,)
         num_guided = int(guided.sum())  # one host sync per step on CUDA
-        if num_guided == 0:  # every sample on a nearly clean step: the guide is not needed
+        if num_guided == 0:  # every sample on a step outside the interval: the guide is not needed
             return model(x, t)
         out = model(x, t)
         weak = guide(x, t)
@@ -280,12 +292,12 @@ def autoguided_fn(model, guide, guidance_scale, scheduler, max_snr=DEFAULT_AUTOG
 def generate_images(model, scheduler, num_samples, labels=None, guidance_scale=DEFAULT_GUIDANCE_SCALE,
                     sampler=DEFAULT_SAMPLER, steps=None, eta=0.0, variance=None, seed=0, device="cpu",
                     amp_dtype=None, batch_size=256, progress=False, guide=None,
-                    guidance_max_snr=DEFAULT_AUTOGUIDANCE_MAX_SNR):
+                    guidance_max_snr=DEFAULT_AUTOGUIDANCE_MAX_SNR, guidance_min_snr=DEFAULT_AUTOGUIDANCE_MIN_SNR):
     """num_samples images (N, C, H, W), float32 in about [-1, 1], in chunks of batch_size.
 
     labels: (N,) digits for model B (guided by guidance_scale), None for model A.
     guide: model A's guide network (autoguided_fn, at guidance_scale on the steps with
-        SNR(t) <= guidance_max_snr), or None for model A alone.
+        guidance_min_snr <= SNR(t) <= guidance_max_snr), or None for model A alone.
     amp_dtype: the dtype to run the model in under autocast (torch.bfloat16), None for fp32.
     The same seed gives the same images.
     """
@@ -300,7 +312,8 @@ def generate_images(model, scheduler, num_samples, labels=None, guidance_scale=D
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             if labels is None:
                 model_fn = (model if guide is None else
-                            autoguided_fn(model, guide, guidance_scale, scheduler, guidance_max_snr))
+                            autoguided_fn(model, guide, guidance_scale, scheduler, guidance_max_snr,
+                                          guidance_min_snr))
             else:
                 model_fn = guided_noise_fn(model, labels[start:start + n].to(device), guidance_scale)
             chunks.append(sample(model_fn, scheduler, (n, *shape), sampler=sampler, steps=steps,

@@ -33,8 +33,8 @@ from images import OutputError, check_output_dir, save_grid
 from options import (AMP_DTYPES, UsageError, add_device_arg, add_precision_arg, decay_below_one,
                      nonnegative_float, nonnegative_float_or_none, nonnegative_int, positive_int, probability,
                      resolve_device, resolve_precision)
-from sampling import (DEFAULT_AUTOGUIDANCE_SCALE, DEFAULT_GUIDANCE_SCALE, PREVIEW_SAMPLER, PREVIEW_STEPS,
-                      generate_images, run_autoguidance_scale)
+from sampling import (DEFAULT_AUTOGUIDANCE_MAX_SNR, DEFAULT_AUTOGUIDANCE_MIN_SNR, DEFAULT_AUTOGUIDANCE_SCALE,
+                      DEFAULT_GUIDANCE_SCALE, PREVIEW_SAMPLER, PREVIEW_STEPS, generate_images, run_autoguidance)
 from scheduler import LOSS_WEIGHTINGS, PREDICTIONS, SCHEDULES, NoiseScheduler
 
 LOG_EVERY = 10  # optimizer steps between rows of metrics.csv (and progress-bar updates)
@@ -124,6 +124,11 @@ def add_training_args(parser, *, img_size, patch_size, save_dir, epochs, batch_s
                                 "for this run's checkpoints unless given one: it suits the guide (a "
                                 "narrower guide average takes a larger s); none given: "
                                 f"{DEFAULT_AUTOGUIDANCE_SCALE:g}")
+        group.add_argument("--guidance_min_snr", type=nonnegative_float_or_none, default=None, metavar="S",
+                           help="likewise the lower signal-to-noise bound of the interval where the "
+                                "guide acts: the noisier steps, where the digit's class is settled, go "
+                                "to the model alone, so the guide's own class bias is not amplified; "
+                                f"none given: {DEFAULT_AUTOGUIDANCE_MIN_SNR:g} (every step from the noisiest)")
         group.add_argument("--grow_epoch", type=nonnegative_int, default=None, metavar="E",
                            help="train --depth / 2 blocks for the first E epochs (each in about half "
                                 "the time), then stack them into --depth blocks: blocks i and "
@@ -509,18 +514,20 @@ class MetricsLog:
 
 
 def save_preview(ema_model, scheduler, path, device, amp_dtype, guide=None,
-                 autoguidance_scale=DEFAULT_AUTOGUIDANCE_SCALE):
+                 autoguidance_scale=DEFAULT_AUTOGUIDANCE_SCALE, autoguidance_min_snr=DEFAULT_AUTOGUIDANCE_MIN_SNR):
     """A grid of samples from the EMA weights, drawn with the sampler that is faithful to a
     weakly trained model (sampling.PREVIEW_SAMPLER): for a conditional model one row per
     class, guided at the default scale; otherwise 4 x 4 samples, autoguided at
-    `autoguidance_scale` (the run's, as infer.py draws them) once the run holds a guide."""
+    `autoguidance_scale` from `autoguidance_min_snr` (the run's, as infer.py draws them) once
+    the run holds a guide."""
     if ema_model.num_classes:
         labels, nrow = torch.arange(ema_model.num_classes).repeat_interleave(8), 8
     else:
         labels, nrow = None, 4
     scale = DEFAULT_GUIDANCE_SCALE if guide is None else autoguidance_scale
     images = generate_images(ema_model, scheduler, nrow * nrow if labels is None else len(labels),
-                             labels=labels, guide=guide, guidance_scale=scale, sampler=PREVIEW_SAMPLER,
+                             labels=labels, guide=guide, guidance_scale=scale,
+                             guidance_min_snr=autoguidance_min_snr, sampler=PREVIEW_SAMPLER,
                              steps=min(PREVIEW_STEPS, scheduler.num_timesteps), seed=0, device=device,
                              amp_dtype=amp_dtype)
     save_grid(images, path, nrow=nrow)
@@ -615,10 +622,14 @@ def train(run, ranks=Ranks(), device=None):
                          "the guide is the model of an earlier epoch")
     guide_power = getattr(args, "guide_ema_power", None)  # model A's options, both about the guide
     for option, what in (("guide_ema_power", "how the guide of --guide_epoch is averaged"),
-                         ("guidance_scale", "the scale sampling uses with the guide of --guide_epoch")):
+                         ("guidance_scale", "the scale sampling uses with the guide of --guide_epoch"),
+                         ("guidance_min_snr", "where sampling starts to use the guide of --guide_epoch")):
         if getattr(args, option, None) is not None and guide_epoch is None:
             raise UsageError(f"--{option} sets {what}: give --guide_epoch too")
-    guide_scale = run_autoguidance_scale(vars(args))  # the previews draw as infer.py will
+    guide_scale, guide_min_snr = run_autoguidance(vars(args))  # the previews draw as infer.py will
+    if guide_min_snr > DEFAULT_AUTOGUIDANCE_MAX_SNR:
+        raise UsageError(f"--guidance_min_snr {guide_min_snr:g} is above the SNR {DEFAULT_AUTOGUIDANCE_MAX_SNR:g} "
+                         "where sampling stops guiding: no step would be guided")
     grow_epoch = getattr(args, "grow_epoch", None)  # model A's option
     if grow_epoch and (grow_epoch >= args.epochs or args.depth % 2):
         raise UsageError(f"--grow_epoch {grow_epoch} stacks --depth / 2 blocks into --depth: it needs an even "
@@ -687,7 +698,7 @@ def train(run, ranks=Ranks(), device=None):
                 save_checkpoint(state, path)
                 if preview_name:
                     save_preview(ema.module, scheduler, os.path.join(args.save_dir, preview_name),
-                                 device, amp_dtype, guide, guide_scale)
+                                 device, amp_dtype, guide, guide_scale, guide_min_snr)
             except OSError as err:
                 error = f"could not write {path} or its preview: {err.strerror or err}"
         error = ranks.first_error(error)

@@ -177,7 +177,9 @@ def test_end_to_end_on_a_tiny_checkpoint(tiny_mnist, tmp_path, capsys):
 
     # Checked once the checkpoint says it is model B, before any classifier or sampling work.
     assert "multiple of 10" in _error_line(capsys, ["--ckpt", str(ckpt), "--num_samples", "25"])
-    assert "holds model B" in _error_line(capsys, ["--ckpt", str(ckpt), "--guidance_max_snr", "4"])
+    for option in ("--guidance_max_snr", "--guidance_min_snr"):
+        message = _error_line(capsys, ["--ckpt", str(ckpt), option, "4"])
+        assert f"{option} sets where model A's autoguidance acts" in message and "holds model B" in message
 
     run_script("evaluate.py", "--ckpt", str(ckpt), "--num_samples", "20", "--sampler", "ddim",
                "--steps", "2", "--device", "cpu", "--data_dir", tiny_mnist,
@@ -193,7 +195,8 @@ def test_end_to_end_on_a_tiny_checkpoint(tiny_mnist, tmp_path, capsys):
         assert key in row, key
     assert len(row["per_digit_accuracy"]) == 10 and sum(row["class_histogram"]) == 20
     assert 0 <= row["class_entropy_bits"] <= np.log2(10) + 1e-9
-    assert report["eta"] == 0.0 and report["guidance_max_snr"] is None  # model B has no guidance interval
+    assert report["eta"] == 0.0  # model B has no guidance interval
+    assert report["guidance_max_snr"] is None and report["guidance_min_snr"] is None
 
     # --eta reaches the DDIM sampler: the same seed with eta 1 adds fresh noise at each step,
     # so the samples, and with them the scores, differ from the deterministic run above.

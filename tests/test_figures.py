@@ -104,8 +104,9 @@ def test_checkpoint_figures_with_the_loss_curve_and_gif(tiny_ckpt, tmp_path):
 
 def test_model_a_figures_are_autoguided_as_infer_draws_them(tmp_path):
     """A model A checkpoint with a guide: the GIF's last frame is what generate_images draws with
-    that guide at the scale its run chose (train.py --guidance_scale) and the default interval
-    (infer.py's defaults), not the model alone."""
+    that guide at the scale and from the SNR its run chose (train.py --guidance_scale and
+    --guidance_min_snr; infer.py's defaults), not the model alone nor the guide on every step
+    (of the 4 steps on 50 timesteps, t = 49, 33, 16, 0, SNR 0.005 leaves t = 49 unguided)."""
     torch.manual_seed(0)
     model = DiT(img_size=IMG, patch_size=4, dim=32, depth=1, heads=2)
     weights = []
@@ -117,20 +118,22 @@ def test_model_a_figures_are_autoguided_as_infer_draws_them(tmp_path):
     path = str(tmp_path / "a.pt")
     save_checkpoint({"kind": model.kind, "model_config": dict(model.config), "model": weights[0],
                      "scheduler_config": NoiseScheduler(timesteps=50).config, "ema": weights[0],
-                     "guide": weights[1], "args": {"guide_epoch": 1, "guidance_scale": 2.0}}, path)
+                     "guide": weights[1], "args": {"guide_epoch": 1, "guidance_scale": 2.0, "guidance_min_snr": 0.005}}, path)
     samples, steps = 3, 4
     figures.main(["--ckpt", path, "--outdir", str(tmp_path / "out"), "--steps", str(steps), "--gif_samples",
                   str(samples), "--trajectory_columns", "2", "--trajectory_samples", "1", "--precision", "fp32"])
     last = frames_of(tmp_path / "out" / "denoising.gif")[0][-1]
     model, scheduler, ckpt = figures.load_model(path)
     drawn = {}
-    for name, guide in (("guided", build_guide(ckpt)), ("alone", None)):
+    for name, guide, min_snr in (("guided", build_guide(ckpt), 0.005), ("every_step", build_guide(ckpt), 0.0),
+                                 ("alone", None, 0.0)):
         images = generate_images(model, scheduler, samples, guide=guide, guidance_scale=2.0,
-                                 sampler="dpm++2m", steps=steps, seed=0)
+                                 guidance_min_snr=min_snr, sampler="dpm++2m", steps=steps, seed=0)
         save_grid(images, tmp_path / f"{name}.png", nrow=samples, scale=3)
         drawn[name] = np.array(Image.open(tmp_path / f"{name}.png"))
     np.testing.assert_array_equal(last, drawn["guided"])
     assert not np.array_equal(drawn["guided"], drawn["alone"])
+    assert not np.array_equal(drawn["guided"], drawn["every_step"])
 
 
 def test_metrics_alone_draws_only_the_loss_curve(tmp_path):

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from sampling import (DEFAULT_AUTOGUIDANCE_MAX_SNR, DEFAULT_AUTOGUIDANCE_SCALE, DEFAULT_STEPS, FEW_STEP_VARIANCE,
-                      SAMPLERS, VARIANCES, autoguided_fn, default_variance, generate_images, run_autoguidance_scale,
-                      sample, timestep_schedule)
+from sampling import (DEFAULT_AUTOGUIDANCE_MAX_SNR, DEFAULT_AUTOGUIDANCE_MIN_SNR, DEFAULT_AUTOGUIDANCE_SCALE,
+                      DEFAULT_STEPS, FEW_STEP_VARIANCE, SAMPLERS, VARIANCES, autoguided_fn, default_variance,
+                      generate_images, run_autoguidance, sample, timestep_schedule)
 from scheduler import NoiseScheduler
 from tests.conftest import ref_alphas_cumprod
 
@@ -598,13 +598,18 @@ def test_a_v_model_samples_what_the_eps_model_samples(sampler, steps):
 # ------------------------------------------------------------ autoguidance (model A)
 
 
-def test_run_autoguidance_scale_is_the_runs_choice_else_the_default():
-    """A checkpoint's training options decide the scale; older ones (no such option) and runs
-    without it get the default; 0 (the guide alone) is a choice, not a missing value."""
-    assert run_autoguidance_scale({}) == DEFAULT_AUTOGUIDANCE_SCALE
-    assert run_autoguidance_scale({"guidance_scale": None}) == DEFAULT_AUTOGUIDANCE_SCALE
-    assert run_autoguidance_scale({"guidance_scale": 4.0}) == 4.0
-    assert run_autoguidance_scale({"guidance_scale": 0.0}) == 0.0
+def test_run_autoguidance_is_the_runs_choice_else_the_default():
+    """A checkpoint's training options decide the scale and the interval's lower bound; older
+    ones (no such option) and runs without them get the defaults; 0 (the guide alone, or
+    guidance from the noisiest step) is a choice, not a missing value."""
+    default = (DEFAULT_AUTOGUIDANCE_SCALE, DEFAULT_AUTOGUIDANCE_MIN_SNR)
+    assert default == (3.0, 0.0)
+    assert run_autoguidance({}) == default
+    assert run_autoguidance({"guidance_scale": None, "guidance_min_snr": None}) == default
+    assert run_autoguidance({"guidance_scale": 4.0}) == (4.0, 0.0)
+    assert run_autoguidance({"guidance_min_snr": 0.02}) == (3.0, 0.02)
+    assert run_autoguidance({"guidance_scale": 0.0, "guidance_min_snr": 0.0}) == (0.0, 0.0)
+    assert run_autoguidance({"guidance_scale": 5.0, "guidance_min_snr": 0.5}) == (5.0, 0.5)
 
 
 def test_autoguidance_is_the_guide_plus_s_times_the_difference():
@@ -624,32 +629,41 @@ def test_autoguidance_is_the_guide_plus_s_times_the_difference():
     assert autoguided_fn(main, unused_guide, 1.0, NoiseScheduler()) is main
 
 
-def test_autoguidance_acts_only_where_the_snr_is_at_most_max_snr():
+def test_autoguidance_acts_only_where_the_snr_is_within_its_interval():
     """The guidance interval: each sample of a batch is guided where its SNR(t) = ab_t / (1 - ab_t),
-    from the papers' alpha bars in float64, is at most max_snr, and is the model's output exactly
-    elsewhere. With the default bound 4 on the linear schedule that is t >= 145 (SNR(144) = 4.009,
-    SNR(145) = 3.950); a batch of nearly clean steps never calls the guide."""
+    from the papers' alpha bars in float64, lies in [min_snr, max_snr], and is the model's output
+    exactly elsewhere. With the default upper bound 4 on the linear schedule that is t >= 145
+    (SNR(144) = 4.009, SNR(145) = 3.950), with the lower bound 0.02 t <= 621 (SNR(621) = 0.02012,
+    SNR(622) = 0.01987); a batch of steps outside it never calls the guide."""
     gen, shape = seeded(2), (4, 1, 8, 8)
     main_out, guide_out = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
     main, guide = (lambda x, t: main_out), (lambda x, t: guide_out)
     ab = ref_ab("linear")
     snr = ab / (1 - ab)
-    assert snr[144] > DEFAULT_AUTOGUIDANCE_MAX_SNR >= snr[145]  # the boundary named above
-    t = torch.tensor([0, 144, 145, 999])  # (4,)
+    assert snr[144] > DEFAULT_AUTOGUIDANCE_MAX_SNR >= snr[145]  # the boundaries named above
+    assert snr[621] >= 0.02 > snr[622]
     x = torch.randn(shape, generator=gen)
     guided = guide_out.double() + 3 * (main_out.double() - guide_out.double())
-    for max_snr in (DEFAULT_AUTOGUIDANCE_MAX_SNR, 0.5, 0.0, math.inf):
-        inside = (snr[t] <= max_snr).view(-1, 1, 1, 1)
+    cases = [((0, 144, 145, 999), 0.0, DEFAULT_AUTOGUIDANCE_MAX_SNR, (False, False, True, True)),
+             ((0, 144, 145, 999), 0.0, 0.5, (False, False, False, True)),
+             ((0, 144, 145, 999), 0.0, 0.0, (False, False, False, False)),
+             ((0, 144, 145, 999), 0.0, math.inf, (True, True, True, True)),
+             ((144, 145, 621, 622), 0.02, DEFAULT_AUTOGUIDANCE_MAX_SNR, (False, True, True, False)),
+             ((0, 621, 622, 999), 0.02, math.inf, (True, True, False, False))]
+    for steps, min_snr, max_snr, expected_inside in cases:
+        t = torch.tensor(steps)  # (4,)
+        inside = ((snr[t] >= min_snr) & (snr[t] <= max_snr)).view(-1, 1, 1, 1)
+        assert inside.view(-1).tolist() == list(expected_inside)  # the float64 SNRs agree with the table
         expected = torch.where(inside, guided, main_out.double())
-        out = autoguided_fn(main, guide, 3.0, NoiseScheduler(), max_snr)(x, t)
+        out = autoguided_fn(main, guide, 3.0, NoiseScheduler(), max_snr, min_snr)(x, t)
         torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-6)
         assert torch.equal(out[~inside.view(-1)], main_out[~inside.view(-1)])  # the model's own output
-    assert inside.all()  # inf guided all four samples
 
     def unused_guide(x, t):
         raise AssertionError("the guide ran on steps outside the interval")
-    clean = torch.tensor([0, 10, 100, 144])
+    clean, noisiest = torch.tensor([0, 10, 100, 144]), torch.tensor([622, 700, 888, 999])
     assert torch.equal(autoguided_fn(main, unused_guide, 3.0, NoiseScheduler())(x, clean), main_out)
+    assert torch.equal(autoguided_fn(main, unused_guide, 3.0, NoiseScheduler(), min_snr=0.02)(x, noisiest), main_out)
 
 
 @pytest.mark.parametrize("sampler, steps", [("ddpm", 10), ("dpm++2m", 10)])

@@ -316,6 +316,53 @@ def test_guidance_scale_of_the_run_is_what_sampling_uses_unless_given_one(tiny_m
     assert (tmp_path / "run" / "preview_final.png").read_bytes() == (tmp_path / "preview_alone.png").read_bytes()
 
 
+def test_guidance_min_snr_of_the_run_is_where_sampling_starts_to_guide(tiny_mnist, tmp_path, monkeypatch, capsys):
+    """train.py --guidance_min_snr 0.5: the checkpoint keeps it, and infer.py, evaluate.py and
+    the run's own previews leave the steps with SNR(t) < 0.5 (t = 999 among the few steps drawn
+    here) to the model alone, as the same weights without it do when given --guidance_min_snr
+    0.5, and unlike --guidance_min_snr 0 (every step guided, the default)."""
+    from checkpoint import build_guide
+
+    train.main(["--data_dir", tiny_mnist, *TINY_RUN, "--precision", "fp32", "--guide_epoch", "1",
+                "--guidance_min_snr", "0.5", "--epochs", "2", "--save_dir", str(tmp_path / "run")])
+    ckpt = load_checkpoint(str(tmp_path / "run" / "ckpt_final.pt"))
+    assert ckpt["args"]["guidance_min_snr"] == 0.5 and "guide" in ckpt
+    plain = dict(ckpt, args={k: v for k, v in ckpt["args"].items() if k != "guidance_min_snr"})
+    torch.save(plain, tmp_path / "plain.pt")  # the same weights, the default interval
+    draw = ["--num_samples", "4", "--steps", "3", "--precision", "fp32"]
+    for name, ckpt_path, option in (("run", "run/ckpt_final.pt", []),
+                                    ("given", "plain.pt", ["--guidance_min_snr", "0.5"]),
+                                    ("every", "run/ckpt_final.pt", ["--guidance_min_snr", "0"]),
+                                    ("plain", "plain.pt", [])):
+        infer.main(["--ckpt", str(tmp_path / ckpt_path), "--output", str(tmp_path / f"{name}.png"), *draw, *option])
+    image = {name: (tmp_path / f"{name}.png").read_bytes() for name in ("run", "given", "every", "plain")}
+    assert image["run"] == image["given"] != image["every"] == image["plain"]
+
+    scores = {}
+    for name, ckpt_path, option in (("run", "run/ckpt_final.pt", []),
+                                    ("given", "plain.pt", ["--guidance_min_snr", "0.5"])):
+        evaluate.main(["--ckpt", str(tmp_path / ckpt_path), "--num_samples", "8", "--steps", "3",
+                       "--data_dir", tiny_mnist, "--precision", "fp32", "--json", str(tmp_path / "report.json"),
+                       *option])
+        report = json.loads((tmp_path / "report.json").read_text())
+        scores[name] = (report["guidance_min_snr"], report["results"][0]["fid"])
+    assert scores["run"] == scores["given"] and scores["run"][0] == 0.5
+
+    # the final preview: the guide from SNR 0.5 on, not from the noisiest step
+    model, scheduler, _ = load_model(str(tmp_path / "run" / "ckpt_final.pt"))
+    guide = build_guide(ckpt)
+    for min_snr in (0.5, 0.0):
+        training.save_preview(model, scheduler, str(tmp_path / f"preview_{min_snr}.png"), torch.device("cpu"), None,
+                              guide, 3.0, min_snr)
+    preview = (tmp_path / "run" / "preview_final.png").read_bytes()
+    assert preview == (tmp_path / "preview_0.5.png").read_bytes() != (tmp_path / "preview_0.0.png").read_bytes()
+
+    # an interval that guides no step is refused in one line
+    message = error_of(infer.main, ["--ckpt", str(tmp_path / "run" / "ckpt_final.pt"), "--output",
+                                    str(tmp_path / "x.png"), "--guidance_max_snr", "0.1"], monkeypatch, capsys)
+    assert "no step would be guided: the lower SNR bound 0.5" in message
+
+
 def test_resume_continues_from_the_saved_step(run_a, tiny_mnist, tmp_path):
     run_script("train.py", "--data_dir", tiny_mnist, "--save_dir", str(tmp_path),
                "--resume", str(run_a / "ckpt_final.pt"), "--max_steps", "6", *TINY_RUN)
@@ -420,6 +467,8 @@ def test_corrupt_or_wrong_checkpoint_gives_one_line_error(run_a, run_b, tmp_path
     (["--guidance_scale", "2"], "without a guide"),
     (["--guidance_max_snr", "2"], "without a guide"),
     (["--guidance_max_snr", "-1"], "must be a number >= 0 or inf"),
+    (["--guidance_min_snr", "0.02"], "without a guide"),
+    (["--guidance_min_snr", "nan"], "must be a number >= 0 or inf"),
 ])
 def test_bad_inference_options(run_a, args, expected, tmp_path, monkeypatch, capsys):
     if "--output" not in args:
@@ -451,13 +500,18 @@ def fail_if_called(what):
     (train.main, ["--guidance_scale", "4"],
      "--guidance_scale sets the scale sampling uses with the guide of --guide_epoch: give --guide_epoch too"),
     (train.main, ["--guide_epoch", "1", "--guidance_scale", "-1"], "must be a finite number >= 0 or none, got -1"),
+    (train.main, ["--guidance_min_snr", "0.02"],
+     "--guidance_min_snr sets where sampling starts to use the guide of --guide_epoch: give --guide_epoch too"),
+    (train.main, ["--guide_epoch", "1", "--guidance_min_snr", "5"],
+     "--guidance_min_snr 5 is above the SNR 4 where sampling stops guiding"),
     # a save_dir that cannot be created: its parent, or the path itself, is a regular file
     (train.main, ["--save_dir", "{tmp}/a_file/run"], "cannot write files in the output directory"),
     (train.main, ["--save_dir", "{tmp}/a_file"], "cannot write files in the output directory"),
 ], ids=["model_shape", "num_workers", "cond_tokens", "importance_sampling_without_weights", "guide_epoch_too_late",
         "adam_beta2_of_1", "grow_epoch_too_late", "grow_epoch_odd_depth",
         "guide_ema_power_without_guide_epoch", "guide_ema_power_negative", "guidance_scale_without_guide_epoch",
-        "guidance_scale_negative", "save_dir_under_a_file", "save_dir_is_a_file"])
+        "guidance_scale_negative", "guidance_min_snr_without_guide_epoch", "guidance_min_snr_above_max",
+        "save_dir_under_a_file", "save_dir_is_a_file"])
 def test_bad_training_options_stop_before_the_data_is_read(main, args, expected, tiny_mnist, tmp_path,
                                                            monkeypatch, capsys):
     (tmp_path / "a_file").write_text("not a directory")
