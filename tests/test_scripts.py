@@ -340,13 +340,15 @@ def test_guidance_min_snr_of_the_run_is_where_sampling_starts_to_guide(tiny_mnis
 
     scores = {}
     for name, ckpt_path, option in (("run", "run/ckpt_final.pt", []),
-                                    ("given", "plain.pt", ["--guidance_min_snr", "0.5"])):
+                                    ("given", "plain.pt", ["--guidance_min_snr", "0.5"]),
+                                    ("every", "run/ckpt_final.pt", ["--guidance_min_snr", "0"])):
         evaluate.main(["--ckpt", str(tmp_path / ckpt_path), "--num_samples", "8", "--steps", "3",
                        "--data_dir", tiny_mnist, "--precision", "fp32", "--json", str(tmp_path / "report.json"),
                        *option])
         report = json.loads((tmp_path / "report.json").read_text())
         scores[name] = (report["guidance_min_snr"], report["results"][0]["fid"])
     assert scores["run"] == scores["given"] and scores["run"][0] == 0.5
+    assert scores["every"][0] == 0 and scores["every"][1] != scores["run"][1]  # other samples, another FID
 
     # the final preview: the guide from SNR 0.5 on, not from the noisiest step
     model, scheduler, _ = load_model(str(tmp_path / "run" / "ckpt_final.pt"))
