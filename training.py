@@ -125,10 +125,11 @@ def add_training_args(parser, *, img_size, patch_size, save_dir, epochs, batch_s
                                 "narrower guide average takes a larger s); none given: "
                                 f"{DEFAULT_AUTOGUIDANCE_SCALE:g}")
         group.add_argument("--guidance_min_snr", type=nonnegative_float_or_none, default=None, metavar="S",
-                           help="likewise the lower signal-to-noise bound of the interval where the "
-                                "guide acts: the noisier steps, where the digit's class is settled, go "
-                                "to the model alone, so the guide's own class bias is not amplified; "
-                                f"none given: {DEFAULT_AUTOGUIDANCE_MIN_SNR:g} (every step from the noisiest)")
+                           help="the lowest signal-to-noise ratio ab_t / (1 - ab_t) of the steps that "
+                                "infer.py, evaluate.py and the previews guide for this run's checkpoints "
+                                "unless given one: the noisier steps, where the digit's class is settled, "
+                                "go to the model alone, so that guidance does not amplify the guide's own "
+                                f"class bias; none given: {DEFAULT_AUTOGUIDANCE_MIN_SNR:g} (from the noisiest step)")
         group.add_argument("--grow_epoch", type=nonnegative_int, default=None, metavar="E",
                            help="train --depth / 2 blocks for the first E epochs (each in about half "
                                 "the time), then stack them into --depth blocks: blocks i and "
