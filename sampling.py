@@ -219,8 +219,8 @@ DEFAULT_AUTOGUIDANCE_MAX_SNR = 4.0
 # docs/results.md, "A guidance interval for the AVX2 recipe"): over four runs of that recipe x
 # seeds 0-5, GAMMA 4 at scale 4.5 from 0.02 keeps every digit within 7-13% at 22 of 24 (over the
 # first three runs' 18 at scale 4 from the noisiest step, 12; one run's zeros 14.0% at seed 0).
-# On the shipped model_a.pt at 3
-# the bound 0.02 gives a mean confidence of 0.956 over seeds 0-5 against 0.959: the default stays.
+# On the shipped model_a.pt at 3 the bound 0.02 gives a mean confidence of 0.956 over seeds 0-5
+# against 0.959: the default stays.
 DEFAULT_AUTOGUIDANCE_MIN_SNR = 0.0
 
 
@@ -269,10 +269,10 @@ def autoguided_fn(model, guide, guidance_scale, scheduler, max_snr=DEFAULT_AUTOG
     with SNR(t) = ab_t / (1 - ab_t) from `scheduler`: the guidance shapes the digit while the
     image is still noisy and leaves the last, nearly clean steps to the model alone (max_snr = inf
     guides every step); min_snr > 0 also leaves it the noisiest steps, where the digit's class is
-    settled (min_snr = 0 guides them). `guide` is the same network with weaker weights (model A: its EMA from an
-    early epoch, training.py --guide_epoch). Where the two agree the sample follows both; where
-    the trained model has moved away from the weak one, s > 1 pushes further in that
-    direction, which sharpens shapes the weak model only half drew. The weights sum to one, so
+    settled (min_snr = 0 guides them). `guide` is the same network with weaker weights (model A:
+    its EMA from an early epoch, training.py --guide_epoch). Where the two agree the sample
+    follows both; where the trained model has moved away from the weak one, s > 1 pushes further
+    in that direction, which sharpens shapes the weak model only half drew. The weights sum to one, so
     the same combination of eps or of v outputs gives the same eps. s = 1 is the model alone.
     """
     if guidance_scale == 1:
@@ -298,7 +298,8 @@ def autoguided_fn(model, guide, guidance_scale, scheduler, max_snr=DEFAULT_AUTOG
 def generate_images(model, scheduler, num_samples, labels=None, guidance_scale=DEFAULT_GUIDANCE_SCALE,
                     sampler=DEFAULT_SAMPLER, steps=None, eta=0.0, variance=None, seed=0, device="cpu",
                     amp_dtype=None, batch_size=256, progress=False, guide=None,
-                    guidance_max_snr=DEFAULT_AUTOGUIDANCE_MAX_SNR, guidance_min_snr=DEFAULT_AUTOGUIDANCE_MIN_SNR):
+                    guidance_max_snr=DEFAULT_AUTOGUIDANCE_MAX_SNR,
+                    guidance_min_snr=DEFAULT_AUTOGUIDANCE_MIN_SNR):
     """num_samples images (N, C, H, W), float32 in about [-1, 1], in chunks of batch_size.
 
     labels: (N,) digits for model B (guided by guidance_scale), None for model A.
