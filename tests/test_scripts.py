@@ -318,9 +318,10 @@ def test_guidance_scale_of_the_run_is_what_sampling_uses_unless_given_one(tiny_m
 
 def test_guidance_min_snr_of_the_run_is_where_sampling_starts_to_guide(tiny_mnist, tmp_path, monkeypatch, capsys):
     """train.py --guidance_min_snr 0.5: the checkpoint keeps it, and infer.py, evaluate.py and
-    the run's own previews leave the steps with SNR(t) < 0.5 (t = 999 among the few steps drawn
-    here) to the model alone, as the same weights without it do when given --guidance_min_snr
-    0.5, and unlike --guidance_min_snr 0 (every step guided, the default)."""
+    the run's own previews leave the steps with SNR(t) < 0.5 (with 3 steps t = 999 and 500; the
+    guide acts on none of them, so infer's images are the model's alone) to the model, as the same
+    weights without it do when given --guidance_min_snr 0.5, and unlike --guidance_min_snr 0
+    (every step guided, the default)."""
     from checkpoint import build_guide
 
     train.main(["--data_dir", tiny_mnist, *TINY_RUN, "--precision", "fp32", "--guide_epoch", "1",
