@@ -216,9 +216,9 @@ DEFAULT_AUTOGUIDANCE_MAX_SNR = 4.0
 # alone. There the image is nearly pure noise and its class is being settled, and guidance,
 # which samples roughly from p_model (p_model / p_guide)^(s - 1), would amplify the guide's own
 # class bias, which differs from run to run. Measured with `evaluate.py` (fp32, 1000 samples;
-# docs/results.md, "A guidance interval for the AVX2 recipe"): over four runs of that recipe x
-# seeds 0-5, GAMMA 4 at scale 4.5 from 0.02 keeps every digit within 7-13% at 22 of 24 (over the
-# first three runs' 18 at scale 4 from the noisiest step, 12; one run's zeros 14.0% at seed 0).
+# docs/results.md, "A guidance interval for the AVX2 recipe"): over five runs of that recipe x
+# seeds 0-5, GAMMA 4 at scale 4.5 from 0.02 keeps every digit within 7-13% at 27 of 30, at scale
+# 4 from the noisiest step at 15 (one run's ones at 14.4-16.8% on all six seeds).
 # On the shipped model_a.pt at 3 the bound 0.02 gives a mean confidence of 0.956 over seeds 0-5
 # against 0.959: the default stays.
 DEFAULT_AUTOGUIDANCE_MIN_SNR = 0.0
