@@ -678,8 +678,9 @@ def test_recipes_parse_to_what_they_say(recipe):
         assert training.depth_at(args, 0) == args.depth // 2 and training.depth_at(off, 0) == off.depth
     if getattr(args, "guide_ema_power", None) is not None:  # and none turns it off: the EMA is the guide
         assert build_parser().parse_args([f"@{path}", "--guide_ema_power", "none"]).guide_ema_power is None
-    if getattr(args, "guidance_scale", None) is not None:  # and none gives sampling's default scale back
-        assert build_parser().parse_args([f"@{path}", "--guidance_scale", "none"]).guidance_scale is None
+    for option in ("guidance_scale", "guidance_min_snr"):  # and none gives sampling's default back
+        if getattr(args, option, None) is not None:
+            assert getattr(build_parser().parse_args([f"@{path}", f"--{option}", "none"]), option) is None
 
 
 def start_script(args, marker, timeout=120):
