@@ -514,21 +514,20 @@ class MetricsLog:
             csv.DictWriter(f, self.COLUMNS).writerow(row)
 
 
-def save_preview(ema_model, scheduler, path, device, amp_dtype, guide=None,
-                 autoguidance_scale=DEFAULT_AUTOGUIDANCE_SCALE, autoguidance_min_snr=DEFAULT_AUTOGUIDANCE_MIN_SNR):
+def save_preview(ema_model, scheduler, path, device, amp_dtype, autoguidance=None):
     """A grid of samples from the EMA weights, drawn with the sampler that is faithful to a
     weakly trained model (sampling.PREVIEW_SAMPLER): for a conditional model one row per
-    class, guided at the default scale; otherwise 4 x 4 samples, autoguided at
-    `autoguidance_scale` from `autoguidance_min_snr` (the run's, as infer.py draws them) once
-    the run holds a guide."""
+    class, guided at the default scale; otherwise 4 x 4 samples, autoguided as infer.py draws
+    them once the run holds a guide, autoguidance = (guide, scale, min_snr) (the run's), else
+    the model alone."""
     if ema_model.num_classes:
         labels, nrow = torch.arange(ema_model.num_classes).repeat_interleave(8), 8
     else:
         labels, nrow = None, 4
-    scale = DEFAULT_GUIDANCE_SCALE if guide is None else autoguidance_scale
+    guide, scale, min_snr = autoguidance or (None, DEFAULT_GUIDANCE_SCALE, DEFAULT_AUTOGUIDANCE_MIN_SNR)
     images = generate_images(ema_model, scheduler, nrow * nrow if labels is None else len(labels),
                              labels=labels, guide=guide, guidance_scale=scale,
-                             guidance_min_snr=autoguidance_min_snr, sampler=PREVIEW_SAMPLER,
+                             guidance_min_snr=min_snr, sampler=PREVIEW_SAMPLER,
                              steps=min(PREVIEW_STEPS, scheduler.num_timesteps), seed=0, device=device,
                              amp_dtype=amp_dtype)
     save_grid(images, path, nrow=nrow)
@@ -699,7 +698,7 @@ def train(run, ranks=Ranks(), device=None):
                 save_checkpoint(state, path)
                 if preview_name:
                     save_preview(ema.module, scheduler, os.path.join(args.save_dir, preview_name),
-                                 device, amp_dtype, guide, guide_scale, guide_min_snr)
+                                 device, amp_dtype, None if guide is None else (guide, guide_scale, guide_min_snr))
             except OSError as err:
                 error = f"could not write {path} or its preview: {err.strerror or err}"
         error = ranks.first_error(error)

@@ -356,7 +356,7 @@ def test_guidance_min_snr_of_the_run_is_where_sampling_starts_to_guide(tiny_mnis
     guide = build_guide(ckpt)
     for min_snr in (0.5, 0.0):
         training.save_preview(model, scheduler, str(tmp_path / f"preview_{min_snr}.png"), torch.device("cpu"), None,
-                              guide, 3.0, min_snr)
+                              (guide, 3.0, min_snr))
     preview = (tmp_path / "run" / "preview_final.png").read_bytes()
     assert preview == (tmp_path / "preview_0.5.png").read_bytes() != (tmp_path / "preview_0.0.png").read_bytes()
 
