@@ -60,17 +60,22 @@ class SelfAttention(nn.Module):
         return self.proj(merge_heads(out))  # (B, N, dim)
 
 
+# The MLP's GELU, as F.gelu's `approximate` names it: "tanh" (the default, as in DiT, and what a
+# checkpoint whose config names none was trained with) is 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)));
+# "none" is the exact x Phi(x) = 0.5 x (1 + erf(x / sqrt(2))). They differ by at most 5e-4, and
+# the exact one is the cheaper on a CPU (docs/results.md, "The exact GELU").
+GELU_APPROXIMATIONS = ("tanh", "none")
+
+
 class Mlp(nn.Module):
-    def __init__(self, dim, hidden_dim):
+    def __init__(self, dim, hidden_dim, gelu_approximate="tanh"):
         super().__init__()
+        self.gelu_approximate = gelu_approximate
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.fc2 = nn.Linear(hidden_dim, dim)
 
-    def forward(self, x):
-        # the tanh approximation of GELU, as in DiT (and the checkpoints trained here). It is not
-        # the cheaper one on a CPU: 13M elements took 50 ms with tanh vs 31 ms with erf on the
-        # AVX2 development machine; the two differ by at most 5e-4.
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+    def forward(self, x):  # (B, N, dim) -> (B, N, hidden_dim) -> (B, N, dim)
+        return self.fc2(F.gelu(self.fc1(x), approximate=self.gelu_approximate))
 
 
 # ----------------------------------------------------------------------------------------
@@ -157,12 +162,12 @@ class DiTBlock(nn.Module):
         h = h + gate_mlp * MLP(modulate(LN(h), shift_mlp, scale_mlp))
     """
 
-    def __init__(self, dim, heads, mlp_ratio=4.0):
+    def __init__(self, dim, heads, mlp_ratio=4.0, gelu_approximate="tanh"):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = SelfAttention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), gelu_approximate)
         # t_emb (B, dim) -> six (B, dim) vectors; zero-initialised, so each block starts as identity
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
@@ -200,11 +205,11 @@ class DiT(nn.Module):
     num_classes = 0
 
     def __init__(self, img_size=64, channels=1, patch_size=2, dim=256, depth=6, heads=8,
-                 mlp_ratio=4.0):
+                 mlp_ratio=4.0, gelu_approximate="tanh"):
         super().__init__()
-        check_model_shape(img_size, channels, patch_size, dim, depth, heads, mlp_ratio)
+        check_model_shape(img_size, channels, patch_size, dim, depth, heads, mlp_ratio, gelu_approximate)
         self.config = dict(img_size=img_size, channels=channels, patch_size=patch_size, dim=dim,
-                           depth=depth, heads=heads, mlp_ratio=mlp_ratio)
+                           depth=depth, heads=heads, mlp_ratio=mlp_ratio, gelu_approximate=gelu_approximate)
         self.img_size, self.channels, self.patch_size = img_size, channels, patch_size
         self.grid_size = img_size // patch_size  # tokens per side; N = grid_size**2
 
@@ -213,12 +218,13 @@ class DiT(nn.Module):
         self.register_buffer("pos_embed", sincos_pos_embed_2d(dim, self.grid_size)[None],
                              persistent=False)  # (1, N, dim)
         self.t_embedder = TimestepEmbedder(dim)
-        self.blocks = nn.ModuleList([self.make_block(dim, heads, mlp_ratio) for _ in range(depth)])
+        self.blocks = nn.ModuleList([self.make_block(dim, heads, mlp_ratio, gelu_approximate)
+                                     for _ in range(depth)])
         self.final_layer = FinalLayer(dim, patch_size, channels)
         self.initialize_weights()
 
-    def make_block(self, dim, heads, mlp_ratio):
-        return DiTBlock(dim, heads, mlp_ratio)
+    def make_block(self, dim, heads, mlp_ratio, gelu_approximate):
+        return DiTBlock(dim, heads, mlp_ratio, gelu_approximate)
 
     def initialize_weights(self):
         """DiT's initialisation, in one place: Xavier-uniform linears with zero biases,
@@ -267,7 +273,7 @@ class ModelConfigError(ValueError):
     """A model shape that cannot be built; the message names the option."""
 
 
-def check_model_shape(img_size, channels, patch_size, dim, depth, heads, mlp_ratio):
+def check_model_shape(img_size, channels, patch_size, dim, depth, heads, mlp_ratio, gelu_approximate="tanh"):
     """Raise ValueError, naming the option, for a shape the model cannot have."""
     for name, value in (("img_size", img_size), ("channels", channels),
                         ("patch_size", patch_size), ("dim", dim), ("depth", depth),
@@ -282,3 +288,5 @@ def check_model_shape(img_size, channels, patch_size, dim, depth, heads, mlp_rat
         raise ModelConfigError(f"dim ({dim}) must be divisible by 4 (2D sin-cos position embedding)")
     if not mlp_ratio > 0:
         raise ModelConfigError(f"mlp_ratio must be positive, got {mlp_ratio!r}")
+    if gelu_approximate not in GELU_APPROXIMATIONS:
+        raise ModelConfigError(f"gelu_approximate must be one of {GELU_APPROXIMATIONS}, got {gelu_approximate!r}")

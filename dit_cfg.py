@@ -40,8 +40,8 @@ class CrossAttention(nn.Module):
 class CrossDiTBlock(DiTBlock):
     """A DiT block preceded by a residual cross-attention to the condition tokens."""
 
-    def __init__(self, dim, heads, mlp_ratio=4.0):
-        super().__init__(dim, heads, mlp_ratio)
+    def __init__(self, dim, heads, mlp_ratio=4.0, gelu_approximate="tanh"):
+        super().__init__(dim, heads, mlp_ratio, gelu_approximate)
         self.norm_cross = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.cross_attn = CrossAttention(dim, heads)
 
@@ -84,7 +84,7 @@ class ConditionalDiT(DiT):
     kind = "class_conditional"
 
     def __init__(self, img_size=32, channels=1, patch_size=4, num_classes=10, dim=256, depth=6,
-                 heads=8, mlp_ratio=4.0, cond_tokens=4, cond_drop_prob=0.1):
+                 heads=8, mlp_ratio=4.0, cond_tokens=4, cond_drop_prob=0.1, gelu_approximate="tanh"):
         if not isinstance(cond_tokens, int) or cond_tokens < 2:
             raise ModelConfigError(f"cond_tokens must be an integer >= 2, got {cond_tokens!r}: with one "
                                    "condition token cross-attention degenerates into a constant bias")
@@ -92,7 +92,7 @@ class ConditionalDiT(DiT):
             raise ModelConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
         if not 0 <= cond_drop_prob <= 1:
             raise ModelConfigError(f"cond_drop_prob must be in [0, 1], got {cond_drop_prob!r}")
-        super().__init__(img_size, channels, patch_size, dim, depth, heads, mlp_ratio)
+        super().__init__(img_size, channels, patch_size, dim, depth, heads, mlp_ratio, gelu_approximate)
         self.config.update(num_classes=num_classes, cond_tokens=cond_tokens,
                            cond_drop_prob=cond_drop_prob)
         self.num_classes = num_classes
@@ -102,8 +102,8 @@ class ConditionalDiT(DiT):
     def null_label(self):
         return self.cond_encoder.null_label
 
-    def make_block(self, dim, heads, mlp_ratio):
-        return CrossDiTBlock(dim, heads, mlp_ratio)
+    def make_block(self, dim, heads, mlp_ratio, gelu_approximate):
+        return CrossDiTBlock(dim, heads, mlp_ratio, gelu_approximate)
 
     def initialize_weights(self):
         super().initialize_weights()

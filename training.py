@@ -14,6 +14,7 @@ rank runs this same code; train_cfg_ddp.py only joins the process group around i
 import argparse
 import copy
 import csv
+import inspect
 import itertools
 import os
 import signal
@@ -28,6 +29,7 @@ from tqdm import tqdm
 
 from checkpoint import MODEL_NAMES, build_guide, clean_state_dict, load_checkpoint, save_checkpoint
 from data import DataError, load_training_set, make_loader, to_model_range
+from dit import GELU_APPROXIMATIONS
 from ema import EMA, PowerEMA
 from images import OutputError, check_output_dir, save_grid
 from options import (AMP_DTYPES, UsageError, add_device_arg, add_precision_arg, decay_below_one,
@@ -62,6 +64,9 @@ def add_training_args(parser, *, img_size, patch_size, save_dir, epochs, batch_s
     group.add_argument("--depth", type=positive_int, default=6, help="transformer blocks")
     group.add_argument("--heads", type=positive_int, default=8, help="attention heads")
     group.add_argument("--mlp_ratio", type=float, default=4.0, help="MLP hidden width / dim")
+    group.add_argument("--gelu_approximate", choices=GELU_APPROXIMATIONS, default="tanh",
+                       help="the MLP's GELU: tanh, its tanh approximation (as in DiT); none, the exact "
+                            "x Phi(x), which runs faster on a CPU")
 
     group = parser.add_argument_group("diffusion")
     group.add_argument("--timesteps", type=positive_int, default=1000, help="diffusion steps T")
@@ -158,7 +163,8 @@ def depth_at(args, epoch):
 def model_options(args):
     """The DiT's keyword arguments that add_training_args' "model" options set."""
     return dict(img_size=args.img_size, channels=args.channels, patch_size=args.patch_size,
-                dim=args.dim, depth=args.depth, heads=args.heads, mlp_ratio=args.mlp_ratio)
+                dim=args.dim, depth=args.depth, heads=args.heads, mlp_ratio=args.mlp_ratio,
+                gelu_approximate=args.gelu_approximate)
 
 
 def scheduler_options(args):
@@ -193,9 +199,12 @@ def resolve_run(parser, argv, model_class, model_config):
     # argparse fills in a default only where the namespace has no value yet
     args = parser.parse_args(argv, namespace=argparse.Namespace(**saved))
     given = dict(model_config(args), depth=depth_at(args, resume["epoch"]), **scheduler_options(args))
-    # rebuilt through NoiseScheduler: a checkpoint written before an option existed gets its default
+    # rebuilt through NoiseScheduler, and the model's keyword defaults filled in: a checkpoint
+    # written before an option existed gets its default
     scheduler_config = NoiseScheduler(**resume["scheduler_config"]).config
-    saved_config = dict(resume["model_config"], **scheduler_config)
+    defaults = {name: parameter.default for name, parameter in inspect.signature(model_class).parameters.items()}
+    saved_model_config = dict(defaults, **resume["model_config"])
+    saved_config = dict(saved_model_config, **scheduler_config)
 
     def differs(key, value):
         if key == "depth" and getattr(args, "grow_epoch", None) is not None:  # model A: depth_at's blocks
@@ -206,7 +215,7 @@ def resolve_run(parser, argv, model_class, model_config):
     if changed:
         raise UsageError(f"{args.resume} holds a model and schedule of its own, but {', '.join(changed)}: "
                          "leave these options out to resume, or start a new run")
-    return Run(args, model_class, resume["model_config"], scheduler_config, parser, resume)
+    return Run(args, model_class, saved_model_config, scheduler_config, parser, resume)
 
 
 def write_options_file(args, parser, path):

@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dit import (DiT, ModelConfigError, TimestepEmbedder, attention, patchify,
+from dit import (DiT, Mlp, ModelConfigError, TimestepEmbedder, attention, patchify,
                  sincos_pos_embed_2d, timestep_sinusoid, unpatchify)
+from dit_cfg import ConditionalDiT
 from tests.conftest import perturbed
 
 
@@ -147,10 +148,40 @@ def test_attention_matches_reference(dtype, n1, n2):
     (dict(dim=6, heads=2), "divisible by 4"),
     (dict(depth=0), "depth"),
     (dict(patch_size=0), "patch_size"),
+    (dict(gelu_approximate="erf"), "gelu_approximate must be one of"),
 ])
 def test_impossible_shapes_raise_clear_errors(kwargs, message):
     with pytest.raises(ModelConfigError, match=message):
         DiT(**{**dict(img_size=8, patch_size=2, dim=32, depth=1, heads=4), **kwargs})
+
+
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_mlp_gelu_is_its_closed_form(approximate):
+    """The MLP's activation in float64 against the two closed forms written here: "tanh" is
+    0.5 h (1 + tanh(sqrt(2/pi) (h + 0.044715 h^3))), "none" the exact h Phi(h) = 0.5 h (1 + erf(h / sqrt 2));
+    each output matches its own form and not the other's (they differ by up to ~5e-4)."""
+    torch.manual_seed(0)
+    mlp = Mlp(8, 32, approximate).double()
+    x = 2 * torch.randn(3, 5, 8, dtype=torch.float64)
+    h = mlp.fc1(x)
+    exact = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))
+    tanh_form = 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h ** 3)))
+    own, other = (exact, tanh_form) if approximate == "none" else (tanh_form, exact)
+    with torch.no_grad():
+        out = mlp(x)
+        torch.testing.assert_close(out, mlp.fc2(own), rtol=0, atol=1e-12)
+        assert (out - mlp.fc2(other)).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("model_class", [DiT, ConditionalDiT])
+def test_gelu_approximate_reaches_every_block_and_the_config(model_class):
+    """Every block's MLP uses the model's GELU, the config keeps it (checkpoints rebuild from it),
+    and the default is DiT's tanh approximation."""
+    shape = dict(img_size=8, patch_size=2, dim=32, depth=3, heads=4)
+    assert all(block.mlp.gelu_approximate == "tanh" for block in model_class(**shape).blocks)
+    model = model_class(**shape, gelu_approximate="none")
+    assert [block.mlp.gelu_approximate for block in model.blocks] == ["none"] * 3
+    assert model_class(**model.config).config["gelu_approximate"] == "none"
 
 
 def test_wrong_input_shape_raises():

@@ -111,6 +111,29 @@ def test_prediction_and_loss_weighting_live_in_the_checkpoint(tiny_mnist, tmp_pa
     assert Image.open(tmp_path / "v.png").size[0] >= 16
 
 
+def test_gelu_approximate_lives_in_the_checkpoint_and_a_resume_keeps_it(run_a, tiny_mnist, tmp_path, monkeypatch,
+                                                                        capsys):
+    """--gelu_approximate none is the trained model's GELU, kept in its config, and sampling rebuilds
+    it; a checkpoint whose config names none (the default, tanh) resumes as tanh and refuses
+    another GELU in one line."""
+    train.main(["--data_dir", tiny_mnist, *TINY_RUN, "--precision", "fp32", "--max_steps", "2",
+                "--gelu_approximate", "none", "--save_dir", str(tmp_path / "exact")])
+    ckpt = load_checkpoint(str(tmp_path / "exact" / "ckpt_final.pt"))
+    assert ckpt["model_config"]["gelu_approximate"] == ckpt["args"]["gelu_approximate"] == "none"
+    assert [block.mlp.gelu_approximate for block in network(ckpt).blocks] == ["none"] * 2
+
+    old = torch.load(run_a / "ckpt_final.pt", weights_only=True)
+    assert old["model_config"].pop("gelu_approximate") == "tanh"
+    del old["args"]["gelu_approximate"]
+    torch.save(old, tmp_path / "old.pt")
+    message = error_of(train.main, ["--resume", str(tmp_path / "old.pt"), "--gelu_approximate", "none"],
+                       monkeypatch, capsys)
+    assert "--gelu_approximate none (the checkpoint's is tanh)" in message
+    train.main(["--resume", str(tmp_path / "old.pt"), "--max_steps", "5", "--save_dir", str(tmp_path / "resumed")])
+    resumed = load_checkpoint(str(tmp_path / "resumed" / "ckpt_final.pt"))
+    assert resumed["step"] == 5 and resumed["model_config"]["gelu_approximate"] == "tanh"
+
+
 def test_infer_single_image_grid_and_directory(run_a, tmp_path):
     ckpt = str(run_a / "ckpt_final.pt")
     infer.main(["--ckpt", ckpt, "--output", str(tmp_path / "one.jpg"), "--steps", "3"])
