@@ -273,8 +273,8 @@ class ModelConfigError(ValueError):
     """A model shape that cannot be built; the message names the option."""
 
 
-def check_model_shape(img_size, channels, patch_size, dim, depth, heads, mlp_ratio, gelu_approximate="tanh"):
-    """Raise ValueError, naming the option, for a shape the model cannot have."""
+def check_model_shape(img_size, channels, patch_size, dim, depth, heads, mlp_ratio, gelu_approximate):
+    """Raise ValueError, naming the option, for a shape (or GELU) the model cannot have."""
     for name, value in (("img_size", img_size), ("channels", channels),
                         ("patch_size", patch_size), ("dim", dim), ("depth", depth),
                         ("heads", heads)):
