@@ -61,7 +61,7 @@ class SelfAttention(nn.Module):
 
 
 # The MLP's GELU, as F.gelu's `approximate` names it: "tanh" (the default, as in DiT, and what a
-# checkpoint whose config names none was trained with) is 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)));
+# checkpoint whose config lacks the key was trained with) is 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)));
 # "none" is the exact x Phi(x) = 0.5 x (1 + erf(x / sqrt(2))). They differ by at most 5e-4, and
 # the exact one is the cheaper on a CPU (docs/results.md, "The exact GELU").
 GELU_APPROXIMATIONS = ("tanh", "none")

@@ -114,8 +114,8 @@ def test_prediction_and_loss_weighting_live_in_the_checkpoint(tiny_mnist, tmp_pa
 def test_gelu_approximate_lives_in_the_checkpoint_and_a_resume_keeps_it(run_a, tiny_mnist, tmp_path, monkeypatch,
                                                                         capsys):
     """--gelu_approximate none is the trained model's GELU, kept in its config, and sampling rebuilds
-    it; a checkpoint whose config names none (the default, tanh) resumes as tanh and refuses
-    another GELU in one line."""
+    it; a checkpoint whose config lacks the key (so the default, tanh) resumes as tanh and
+    refuses another GELU in one line."""
     train.main(["--data_dir", tiny_mnist, *TINY_RUN, "--precision", "fp32", "--max_steps", "2",
                 "--gelu_approximate", "none", "--save_dir", str(tmp_path / "exact")])
     ckpt = load_checkpoint(str(tmp_path / "exact" / "ckpt_final.pt"))
