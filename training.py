@@ -202,7 +202,8 @@ def resolve_run(parser, argv, model_class, model_config):
     # rebuilt through NoiseScheduler, and the model's keyword defaults filled in: a checkpoint
     # written before an option existed gets its default
     scheduler_config = NoiseScheduler(**resume["scheduler_config"]).config
-    defaults = {name: parameter.default for name, parameter in inspect.signature(model_class).parameters.items()}
+    defaults = {name: parameter.default for name, parameter in inspect.signature(model_class).parameters.items()
+                if parameter.default is not inspect.Parameter.empty}  # a required one is in every config
     saved_model_config = dict(defaults, **resume["model_config"])
     saved_config = dict(saved_model_config, **scheduler_config)
 
