@@ -79,9 +79,9 @@ def test_prediction_and_loss_weighting_live_in_the_checkpoint(tiny_mnist, tmp_pa
     from checkpoint import build_model
 
     recipe = ["--data_dir", tiny_mnist, *TINY_RUN, "--precision", "fp32", "--max_steps", "3"]
-    run_script("train.py", *recipe, "--save_dir", str(tmp_path / "eps"), "--prediction", "eps",
-               "--min_snr_gamma", "0")
-    run_script("train.py", *recipe, "--save_dir", str(tmp_path / "v"), "--importance_sampling")
+    # in this process (the command line's own path is tested elsewhere): three runs, one import
+    train.main([*recipe, "--save_dir", str(tmp_path / "eps"), "--prediction", "eps", "--min_snr_gamma", "0"])
+    train.main([*recipe, "--save_dir", str(tmp_path / "v"), "--importance_sampling"])
     ckpt = load_checkpoint(str(tmp_path / "v" / "ckpt_final.pt"))
     assert ckpt["scheduler_config"]["prediction"] == "v" and ckpt["args"]["min_snr_gamma"] == 5.0
     assert ckpt["args"]["importance_sampling"] is True
@@ -93,8 +93,7 @@ def test_prediction_and_loss_weighting_live_in_the_checkpoint(tiny_mnist, tmp_pa
     assert not torch.equal(ckpt["model"]["final_layer.linear.bias"], eps_ckpt["model"]["final_layer.linear.bias"])
     assert ckpt["args"]["loss_weighting"] == "min_snr"
     # P2 instead of min-SNR, all else the same: stored, and the weights after 3 steps differ
-    run_script("train.py", *recipe, "--save_dir", str(tmp_path / "p2"), "--importance_sampling",
-               "--loss_weighting", "p2")
+    train.main([*recipe, "--save_dir", str(tmp_path / "p2"), "--importance_sampling", "--loss_weighting", "p2"])
     p2_ckpt = load_checkpoint(str(tmp_path / "p2" / "ckpt_final.pt"))
     assert p2_ckpt["args"]["loss_weighting"] == "p2"
     assert not torch.equal(ckpt["model"]["final_layer.linear.bias"], p2_ckpt["model"]["final_layer.linear.bias"])
