@@ -40,6 +40,10 @@ from sampling import (DEFAULT_AUTOGUIDANCE_MAX_SNR, DEFAULT_AUTOGUIDANCE_MIN_SNR
 from scheduler import LOSS_WEIGHTINGS, PREDICTIONS, SCHEDULES, NoiseScheduler
 
 LOG_EVERY = 10  # optimizer steps between rows of metrics.csv (and progress-bar updates)
+# Model A's guide where a new run names none: the EMA of epoch 10. It takes the 28x28 stand-in of
+# train.py's defaults to the CPU recipes' quality, which the model alone does not reach
+# (docs/results.md, "Model A's defaults at 28x28 on 2 CPU cores").
+DEFAULT_GUIDE_EPOCH = 10
 
 # ----------------------------------------------------------------------------------------
 # Options
@@ -114,11 +118,13 @@ def add_training_args(parser, *, img_size, patch_size, save_dir, epochs, batch_s
     add_precision_arg(group)
     group.add_argument("--compile", action="store_true", help="torch.compile the model")
     if guide:
-        group.add_argument("--guide_epoch", type=positive_int, default=None, metavar="K",
+        group.add_argument("--guide_epoch", type=nonnegative_int, default=None, metavar="K",
                            help="keep the EMA weights of the end of epoch K (or their power average, "
                                 "--guide_ema_power) in the later checkpoints as the guide of "
                                 "autoguidance: sampling runs guide + s (model - guide), s = "
-                                "--guidance_scale (infer.py's, else this run's); none given: no guide")
+                                "--guidance_scale (infer.py's, else this run's); 0: no guide; none "
+                                f"given: {DEFAULT_GUIDE_EPOCH} in a run of more than {DEFAULT_GUIDE_EPOCH} "
+                                "epochs, else no guide")
         group.add_argument("--guide_ema_power", type=nonnegative_float_or_none, default=None, metavar="GAMMA",
                            help="make the guide the power-function average of the weights up to the end "
                                 "of epoch K instead of their EMA, step k weighing in proportion to k^GAMMA "
@@ -192,6 +198,9 @@ def resolve_run(parser, argv, model_class, model_config):
     the checkpoint's. `model_config(args)` turns the options into the model's kwargs."""
     args = parser.parse_args(argv)
     if args.resume is None:
+        if getattr(args, "guide_epoch", 0) is None:  # model A: decided now, so that options.args and
+            # the checkpoints name it (0 for none); a resumed run keeps its own (None: no guide)
+            args.guide_epoch = DEFAULT_GUIDE_EPOCH if args.epochs > DEFAULT_GUIDE_EPOCH else 0
         config = dict(model_config(args), depth=depth_at(args, 0))
         return Run(args, model_class, config, scheduler_options(args), parser)
     resume = load_checkpoint(args.resume, expected_kind=model_class.kind, to_resume=True)
@@ -626,7 +635,7 @@ def train(run, ranks=Ranks(), device=None):
     if args.importance_sampling and not has_loss_weights(args.loss_weighting, args.min_snr_gamma):
         raise UsageError("--importance_sampling draws timesteps by their loss weights: "
                          "it needs --loss_weighting p2 or --min_snr_gamma above 0")
-    guide_epoch = getattr(args, "guide_epoch", None)  # model A's option
+    guide_epoch = getattr(args, "guide_epoch", None) or None  # model A's option; 0: no guide
     if guide_epoch is not None and guide_epoch >= args.epochs:
         raise UsageError(f"--guide_epoch {guide_epoch} must be less than --epochs {args.epochs}: "
                          "the guide is the model of an earlier epoch")
@@ -635,7 +644,8 @@ def train(run, ranks=Ranks(), device=None):
                          ("guidance_scale", "the scale sampling uses with the guide of --guide_epoch"),
                          ("guidance_min_snr", "where sampling starts to use the guide of --guide_epoch")):
         if getattr(args, option, None) is not None and guide_epoch is None:
-            raise UsageError(f"--{option} sets {what}: give --guide_epoch too")
+            raise UsageError(f"--{option} sets {what}, but this run keeps no guide: give --guide_epoch K "
+                             f"above 0 (none given: {DEFAULT_GUIDE_EPOCH} where --epochs is above {DEFAULT_GUIDE_EPOCH})")
     guide_scale, guide_min_snr = run_autoguidance(vars(args))  # the previews draw as infer.py will
     if guide_min_snr > DEFAULT_AUTOGUIDANCE_MAX_SNR:
         raise UsageError(f"--guidance_min_snr {guide_min_snr:g} is above the SNR {DEFAULT_AUTOGUIDANCE_MAX_SNR:g} "

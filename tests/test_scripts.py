@@ -22,6 +22,7 @@ import train_cfg_ddp
 import training
 from checkpoint import CheckpointError, load_checkpoint, load_model, network
 from cli import run_main
+from dit import DiT
 from sampling import DEFAULT_AUTOGUIDANCE_MAX_SNR
 from tests.conftest import ROOT, TINY_MODEL, run_script
 
@@ -163,6 +164,40 @@ def test_infer_variance_reaches_the_ddpm_sampler(run_a, tmp_path):
                     "--steps", "3", "--num_samples", "4", *(["--variance", variance] if variance else [])])
     pictures = {v: (tmp_path / f"{v}.png").read_bytes() for v in ("beta", "posterior", None)}
     assert pictures["beta"] != pictures["posterior"] and pictures[None] == pictures["posterior"]
+
+
+@pytest.mark.parametrize("argv,guide_epoch", [
+    ([], 10), (["--epochs", "11"], 10), (["--epochs", "10"], 0), (["--epochs", "3"], 0),
+    (["--guide_epoch", "3"], 3), (["--guide_epoch", "0"], 0)])
+def test_a_new_run_of_model_a_names_its_guide_epoch(argv, guide_epoch):
+    """None given, a run of more than 10 epochs keeps the EMA of epoch 10 as its guide and a
+    shorter one none (0), decided when the run starts so that its options and checkpoints say so."""
+    assert training.resolve_run(train.build_parser(), argv, DiT, training.model_options).args.guide_epoch == guide_epoch
+
+
+def test_a_resumed_run_keeps_the_guide_epoch_it_was_started_with(run_a, tmp_path):
+    """run_a started with the default 100 epochs, so with the guide of epoch 10; a checkpoint whose
+    options hold None for it resumes with no guide."""
+    resume = ["--resume", str(run_a / "ckpt_final.pt")]
+    assert training.resolve_run(train.build_parser(), resume, DiT, training.model_options).args.guide_epoch == 10
+    older = torch.load(run_a / "ckpt_final.pt", weights_only=True)
+    older["args"]["guide_epoch"] = None
+    torch.save(older, tmp_path / "older.pt")
+    run = training.resolve_run(train.build_parser(), ["--resume", str(tmp_path / "older.pt")], DiT,
+                               training.model_options)
+    assert run.args.guide_epoch is None
+
+
+def test_the_default_guide_is_the_ema_of_epoch_10(tiny_mnist, tmp_path):
+    """`train.py --epochs 11`, no guide option: the checkpoints from epoch 10 on carry the EMA
+    weights of epoch 10 as their guide, and options.args names it."""
+    train.main(["--data_dir", tiny_mnist, *TINY_RUN, "--precision", "fp32", "--epochs", "11",
+                "--save_freq", "10", "--save_dir", str(tmp_path)])  # 3 steps per epoch
+    epoch_10, final = (load_checkpoint(str(tmp_path / name)) for name in ("ckpt_epoch_10.pt", "ckpt_final.pt"))
+    assert final["args"]["guide_epoch"] == 10 and "--guide_epoch 10" in (tmp_path / "options.args").read_text()
+    assert set(final["guide"]) == set(epoch_10["ema"])
+    assert all(torch.equal(final["guide"][name], epoch_10["ema"][name]) for name in final["guide"])
+    assert not all(torch.equal(final["guide"][name], final["ema"][name]) for name in final["ema"])
 
 
 def test_guide_epoch_keeps_that_epochs_ema_for_autoguided_sampling(run_a, tiny_mnist, tmp_path, monkeypatch,
@@ -519,14 +554,15 @@ def fail_if_called(what):
     (train.main, ["--adam_beta2", "1"], "must be in [0, 1), got 1"),
     (train.main, ["--epochs", "3", "--grow_epoch", "3"], "must be less than --epochs 3"),
     (train.main, ["--depth", "3", "--grow_epoch", "1"], "needs an even --depth (not 3)"),
-    (train.main, ["--guide_ema_power", "2"],
-     "--guide_ema_power sets how the guide of --guide_epoch is averaged: give --guide_epoch too"),
+    (train.main, ["--guide_epoch", "0", "--guide_ema_power", "2"],
+     "--guide_ema_power sets how the guide of --guide_epoch is averaged, but this run keeps no guide"),
     (train.main, ["--guide_epoch", "1", "--guide_ema_power", "-1"], "must be a finite number >= 0 or none, got -1"),
-    (train.main, ["--guidance_scale", "4"],
-     "--guidance_scale sets the scale sampling uses with the guide of --guide_epoch: give --guide_epoch too"),
+    (train.main, ["--epochs", "10", "--guidance_scale", "4"],  # too short for the default guide
+     "--guidance_scale sets the scale sampling uses with the guide of --guide_epoch, but this run keeps no guide: "
+     "give --guide_epoch K above 0 (none given: 10 where --epochs is above 10)"),
     (train.main, ["--guide_epoch", "1", "--guidance_scale", "-1"], "must be a finite number >= 0 or none, got -1"),
-    (train.main, ["--guidance_min_snr", "0.02"],
-     "--guidance_min_snr sets where sampling starts to use the guide of --guide_epoch: give --guide_epoch too"),
+    (train.main, ["--guide_epoch", "0", "--guidance_min_snr", "0.02"],
+     "--guidance_min_snr sets where sampling starts to use the guide of --guide_epoch, but this run keeps no guide"),
     (train.main, ["--guide_epoch", "1", "--guidance_min_snr", "5"],
      "--guidance_min_snr 5 is above the SNR 4 where sampling stops guiding"),
     # a save_dir that cannot be created: its parent, or the path itself, is a regular file
@@ -865,6 +901,7 @@ def test_metrics_csv_and_options_file_survive_a_resume(tiny_mnist, tmp_path):
     args = train.build_parser().parse_args([f"@{run / 'options.args'}"])
     assert vars(args) == dict(load_checkpoint(str(run / "ckpt_final.pt"))["args"], resume=None)
     assert args.max_steps == 12 and args.lr == 4e-3 and args.data_dir == tiny_mnist
+    assert args.guide_epoch == 0  # 5 epochs: too short for the default guide, and the file says so
 
 
 @pytest.mark.parametrize("main,expected", [
