@@ -167,19 +167,19 @@ def test_infer_variance_reaches_the_ddpm_sampler(run_a, tmp_path):
 
 
 @pytest.mark.parametrize("argv,guide_epoch", [
-    ([], 10), (["--epochs", "11"], 10), (["--epochs", "10"], 0), (["--epochs", "3"], 0),
+    ([], 20), (["--epochs", "21"], 20), (["--epochs", "20"], 0), (["--epochs", "3"], 0),
     (["--guide_epoch", "3"], 3), (["--guide_epoch", "0"], 0)])
 def test_a_new_run_of_model_a_names_its_guide_epoch(argv, guide_epoch):
-    """None given, a run of more than 10 epochs keeps the EMA of epoch 10 as its guide and a
+    """None given, a run of more than 20 epochs keeps the EMA of epoch 20 as its guide and a
     shorter one none (0), decided when the run starts so that its options and checkpoints say so."""
     assert training.resolve_run(train.build_parser(), argv, DiT, training.model_options).args.guide_epoch == guide_epoch
 
 
 def test_a_resumed_run_keeps_the_guide_epoch_it_was_started_with(run_a, tmp_path):
-    """run_a started with the default 100 epochs, so with the guide of epoch 10; a checkpoint whose
+    """run_a started with the default 100 epochs, so with the guide of epoch 20; a checkpoint whose
     options hold None for it resumes with no guide."""
     resume = ["--resume", str(run_a / "ckpt_final.pt")]
-    assert training.resolve_run(train.build_parser(), resume, DiT, training.model_options).args.guide_epoch == 10
+    assert training.resolve_run(train.build_parser(), resume, DiT, training.model_options).args.guide_epoch == 20
     older = torch.load(run_a / "ckpt_final.pt", weights_only=True)
     older["args"]["guide_epoch"] = None
     torch.save(older, tmp_path / "older.pt")
@@ -188,15 +188,15 @@ def test_a_resumed_run_keeps_the_guide_epoch_it_was_started_with(run_a, tmp_path
     assert run.args.guide_epoch is None
 
 
-def test_the_default_guide_is_the_ema_of_epoch_10(tiny_mnist, tmp_path):
-    """`train.py --epochs 11`, no guide option: the checkpoints from epoch 10 on carry the EMA
-    weights of epoch 10 as their guide, and options.args names it."""
-    train.main(["--data_dir", tiny_mnist, *TINY_RUN, "--precision", "fp32", "--epochs", "11",
-                "--save_freq", "10", "--save_dir", str(tmp_path)])  # 3 steps per epoch
-    epoch_10, final = (load_checkpoint(str(tmp_path / name)) for name in ("ckpt_epoch_10.pt", "ckpt_final.pt"))
-    assert final["args"]["guide_epoch"] == 10 and "--guide_epoch 10" in (tmp_path / "options.args").read_text()
-    assert set(final["guide"]) == set(epoch_10["ema"])
-    assert all(torch.equal(final["guide"][name], epoch_10["ema"][name]) for name in final["guide"])
+def test_the_default_guide_is_the_ema_of_epoch_20(tiny_mnist, tmp_path):
+    """`train.py --epochs 21`, no guide option: the checkpoints from epoch 20 on carry the EMA
+    weights of epoch 20 as their guide, and options.args names it."""
+    train.main(["--data_dir", tiny_mnist, *TINY_RUN, "--precision", "fp32", "--epochs", "21",
+                "--save_freq", "20", "--save_dir", str(tmp_path)])  # 3 steps per epoch
+    epoch_20, final = (load_checkpoint(str(tmp_path / name)) for name in ("ckpt_epoch_20.pt", "ckpt_final.pt"))
+    assert final["args"]["guide_epoch"] == 20 and "--guide_epoch 20" in (tmp_path / "options.args").read_text()
+    assert set(final["guide"]) == set(epoch_20["ema"])
+    assert all(torch.equal(final["guide"][name], epoch_20["ema"][name]) for name in final["guide"])
     assert not all(torch.equal(final["guide"][name], final["ema"][name]) for name in final["ema"])
 
 
@@ -557,9 +557,9 @@ def fail_if_called(what):
     (train.main, ["--guide_epoch", "0", "--guide_ema_power", "2"],
      "--guide_ema_power sets how the guide of --guide_epoch is averaged, but this run keeps no guide"),
     (train.main, ["--guide_epoch", "1", "--guide_ema_power", "-1"], "must be a finite number >= 0 or none, got -1"),
-    (train.main, ["--epochs", "10", "--guidance_scale", "4"],  # too short for the default guide
+    (train.main, ["--epochs", "20", "--guidance_scale", "4"],  # too short for the default guide
      "--guidance_scale sets the scale sampling uses with the guide of --guide_epoch, but this run keeps no guide: "
-     "give --guide_epoch K above 0 (none given: 10 where --epochs is above 10)"),
+     "give --guide_epoch K above 0 (none given: 20 where --epochs is above 20)"),
     (train.main, ["--guide_epoch", "1", "--guidance_scale", "-1"], "must be a finite number >= 0 or none, got -1"),
     (train.main, ["--guide_epoch", "0", "--guidance_min_snr", "0.02"],
      "--guidance_min_snr sets where sampling starts to use the guide of --guide_epoch, but this run keeps no guide"),
