@@ -166,26 +166,28 @@ def test_infer_variance_reaches_the_ddpm_sampler(run_a, tmp_path):
     assert pictures["beta"] != pictures["posterior"] and pictures[None] == pictures["posterior"]
 
 
+def resolved_options(argv):
+    """train.py's options as training.train() gets them: parsed, a --resume checkpoint's filled in."""
+    return training.resolve_run(train.build_parser(), argv, DiT, training.model_options).args
+
+
 @pytest.mark.parametrize("argv,guide_epoch", [
     ([], 20), (["--epochs", "21"], 20), (["--epochs", "20"], 0), (["--epochs", "3"], 0),
     (["--guide_epoch", "3"], 3), (["--guide_epoch", "0"], 0)])
 def test_a_new_run_of_model_a_names_its_guide_epoch(argv, guide_epoch):
     """None given, a run of more than 20 epochs keeps the EMA of epoch 20 as its guide and a
     shorter one none (0), decided when the run starts so that its options and checkpoints say so."""
-    assert training.resolve_run(train.build_parser(), argv, DiT, training.model_options).args.guide_epoch == guide_epoch
+    assert resolved_options(argv).guide_epoch == guide_epoch
 
 
 def test_a_resumed_run_keeps_the_guide_epoch_it_was_started_with(run_a, tmp_path):
     """run_a started with the default 100 epochs, so with the guide of epoch 20; a checkpoint whose
     options hold None for it resumes with no guide."""
-    resume = ["--resume", str(run_a / "ckpt_final.pt")]
-    assert training.resolve_run(train.build_parser(), resume, DiT, training.model_options).args.guide_epoch == 20
+    assert resolved_options(["--resume", str(run_a / "ckpt_final.pt")]).guide_epoch == 20
     older = torch.load(run_a / "ckpt_final.pt", weights_only=True)
     older["args"]["guide_epoch"] = None
     torch.save(older, tmp_path / "older.pt")
-    run = training.resolve_run(train.build_parser(), ["--resume", str(tmp_path / "older.pt")], DiT,
-                               training.model_options)
-    assert run.args.guide_epoch is None
+    assert resolved_options(["--resume", str(tmp_path / "older.pt")]).guide_epoch is None
 
 
 def test_the_default_guide_is_the_ema_of_epoch_20(tiny_mnist, tmp_path):
