@@ -116,12 +116,18 @@ def load_for_sampling(args, expected_kind):
     return model, scheduler, ckpt, device
 
 
-def load_guide(ckpt, path, device, guidance_given):
+def load_guide(ckpt, args, device):
     """Model A's autoguidance network from its loaded checkpoint, or None when it has none,
-    in which case a guidance scale (guidance_given) is a UsageError."""
+    in which case an option that asks for guidance is a UsageError: a scale other than 1
+    (--guidance_scale, or in evaluate.py --guidance_sweep) or a guidance interval. Scale 1 is
+    the model alone, which a checkpoint without a guide draws as it is, so that one command
+    can score every checkpoint of a run, those before its guide epoch included."""
     guide = build_guide(ckpt, device)
-    if guide is None and guidance_given:
-        raise UsageError(f"{path} holds model A without a guide, so there is nothing to guide with: "
+    scales = [args.guidance_scale, *(getattr(args, "guidance_sweep", None) or [])]
+    asks_for_guidance = (any(scale is not None and scale != 1 for scale in scales)
+                         or args.guidance_max_snr is not None or args.guidance_min_snr is not None)
+    if guide is None and asks_for_guidance:
+        raise UsageError(f"{args.ckpt} holds model A without a guide, so there is nothing to guide with: "
                          "train it with --guide_epoch K for autoguidance")
     return guide
 

@@ -358,10 +358,7 @@ def evaluate(args):
                                  f"{args.ckpt} holds model B, guided at every step")
         guide, min_snr, max_snr = None, None, None
     else:
-        guide = load_guide(ckpt, args.ckpt, device,
-                           guidance_given=any(option is not None for option in (
-                               args.guidance_scale, args.guidance_sweep, args.guidance_max_snr,
-                               args.guidance_min_snr)))
+        guide = load_guide(ckpt, args, device)
         labels, scales = None, [None]
         scale, min_snr, max_snr = resolve_autoguidance(args, ckpt)
         if guide is not None:

@@ -29,8 +29,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     model, scheduler, ckpt, device = load_for_sampling(args, expected_kind=DiT.kind)
-    guide = load_guide(ckpt, args.ckpt, device, guidance_given=any(option is not None for option in (
-        args.guidance_scale, args.guidance_max_snr, args.guidance_min_snr)))
+    guide = load_guide(ckpt, args, device)
     scale, min_snr, max_snr = resolve_autoguidance(args, ckpt)
     images = generate_images(model, scheduler, args.num_samples, guide=guide, guidance_scale=scale,
                              guidance_max_snr=max_snr, guidance_min_snr=min_snr, device=device,

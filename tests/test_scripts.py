@@ -247,23 +247,29 @@ def test_guide_epoch_keeps_that_epochs_ema_for_autoguided_sampling(run_a, tiny_m
     infer.main(["--ckpt", str(tmp_path / "weights.pt"), "--output", str(tmp_path / "s1.png"), *draw,
                 "--guidance_scale", "1"])
     infer.main(["--ckpt", str(tmp_path / "unguided.pt"), "--output", str(tmp_path / "alone.png"), *draw])
+    # scale 1 is the model alone, asked of a checkpoint with or without a guide
+    infer.main(["--ckpt", str(tmp_path / "unguided.pt"), "--output", str(tmp_path / "no_guide_s1.png"), *draw,
+                "--guidance_scale", "1"])
     # --guidance_max_snr 0 guides no step (every SNR(t) is above 0): the model alone again
     infer.main(["--ckpt", str(tmp_path / "weights.pt"), "--output", str(tmp_path / "snr0.png"), *draw,
                 "--guidance_max_snr", "0"])
     assert (tmp_path / "s1.png").read_bytes() == (tmp_path / "alone.png").read_bytes()
+    assert (tmp_path / "no_guide_s1.png").read_bytes() == (tmp_path / "alone.png").read_bytes()
     assert (tmp_path / "snr0.png").read_bytes() == (tmp_path / "alone.png").read_bytes()
     assert (tmp_path / "guided.png").read_bytes() != (tmp_path / "alone.png").read_bytes()
     # and in evaluate.py: the same samples, so the same scores, as the model alone
     scores = {}
-    for name, option in (("default", []), ("snr0", ["--guidance_max_snr", "0"]), ("s1", ["--guidance_scale", "1"]),
-                         ("inf", ["--guidance_max_snr", "inf"])):
-        evaluate.main(["--ckpt", str(tmp_path / "weights.pt"), "--num_samples", "8", "--steps", "3",
+    for name, ckpt, option in (("default", "weights.pt", []), ("snr0", "weights.pt", ["--guidance_max_snr", "0"]),
+                               ("s1", "weights.pt", ["--guidance_scale", "1"]),
+                               ("inf", "weights.pt", ["--guidance_max_snr", "inf"]),
+                               ("no_guide_s1", "unguided.pt", ["--guidance_sweep", "1"])):
+        evaluate.main(["--ckpt", str(tmp_path / ckpt), "--num_samples", "8", "--steps", "3",
                        "--data_dir", tiny_mnist, "--precision", "fp32", "--json", str(tmp_path / f"{name}.json"),
                        *option])
         report = json.loads((tmp_path / f"{name}.json").read_text(), parse_constant=pytest.fail)  # strict JSON
         scores[name] = (report["guidance_max_snr"], report["results"][0]["fid"], report["results"][0]["confidence"])
     assert scores["snr0"][0] == 0 and scores["default"][0] == DEFAULT_AUTOGUIDANCE_MAX_SNR and scores["inf"][0] == "inf"
-    assert scores["snr0"][1:] == scores["s1"][1:] != scores["default"][1:]
+    assert scores["snr0"][1:] == scores["s1"][1:] == scores["no_guide_s1"][1:] != scores["default"][1:]
 
     # a run already past the guide's epoch cannot make one; evaluate.py needs a guide to guide model A
     message = error_of(train.main, ["--resume", str(run_a / "ckpt_final.pt"), "--guide_epoch", "1", "--epochs", "3",
@@ -527,6 +533,7 @@ def test_corrupt_or_wrong_checkpoint_gives_one_line_error(run_a, run_b, tmp_path
     (["--output", "/nonexistent/dir/x.png"], "does not exist"),
     (["--output", "x.unknownext"], "image format"),
     (["--guidance_scale", "2"], "without a guide"),
+    (["--guidance_scale", "0"], "without a guide"),
     (["--guidance_max_snr", "2"], "without a guide"),
     (["--guidance_max_snr", "-1"], "must be a number >= 0 or inf"),
     (["--guidance_min_snr", "0.02"], "without a guide"),
